@@ -1,0 +1,100 @@
+"""Thin modules for layers whose weights live on a low-bit grid (the output of step 2).
+
+The weight parameter is kept as latent full precision so a short STE fine-tune can move it;
+the forward pass always uses ``alpha * round_to_grid(weight / alpha)``, so the layer computes
+with exactly ternary (or k-bit) weights times a per-channel scale at any moment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weight import WeightGrid
+
+
+class _RoundToGridSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, grid: WeightGrid):
+        return grid.round(u)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None
+
+
+class _GridWeightMixin:
+    """Shared by QuantizedConv2d and QuantizedLinear: the grid, per-channel alpha and codes."""
+
+    def _init_grid(self, grid: WeightGrid | str | int) -> None:
+        grid = WeightGrid.from_spec(grid)
+        self.alpha = nn.Parameter(torch.ones(self.out_channels_))
+        # a buffer, so the grid travels with the (safetensors) state dict
+        self.register_buffer("grid_bounds", torch.tensor([grid.low, grid.high, grid.spacing]))
+
+    @property
+    def grid(self) -> WeightGrid:
+        return WeightGrid.from_bounds(*(int(v) for v in self.grid_bounds))
+
+    @property
+    def out_channels_(self) -> int:
+        return self.weight.shape[0]
+
+    def _alpha_view(self) -> torch.Tensor:
+        return self.alpha.reshape(-1, *([1] * (self.weight.dim() - 1)))
+
+    def set_quantized(self, codes: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None):
+        with torch.no_grad():
+            self.alpha.copy_(alpha.reshape(-1))
+            self.weight.copy_(codes.reshape(self.weight.shape).to(self.weight.dtype) * self._alpha_view())
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    @property
+    def weight_codes(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.grid.round(self.weight / self._alpha_view()).to(self.grid.code_dtype)
+
+    def quantized_weight(self) -> torch.Tensor:
+        alpha = self._alpha_view()
+        return _RoundToGridSTE.apply(self.weight / alpha, self.grid) * alpha
+
+
+class QuantizedConv2d(_GridWeightMixin, nn.Conv2d):
+    def __init__(self, *args, grid: WeightGrid | str | int = "ternary", **kwargs):
+        kwargs["bias"] = True
+        super().__init__(*args, **kwargs)
+        self._init_grid(grid)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, grid) -> QuantizedConv2d:
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            padding_mode=conv.padding_mode, grid=grid,
+        )
+        return new.to(device=conv.weight.device)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", grid={self.grid.name}"
+
+
+class QuantizedLinear(_GridWeightMixin, nn.Linear):
+    def __init__(self, in_features, out_features, grid: WeightGrid | str | int = "ternary"):
+        super().__init__(in_features, out_features, bias=True)
+        self._init_grid(grid)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, grid) -> QuantizedLinear:
+        new = cls(linear.in_features, linear.out_features, grid=grid)
+        return new.to(device=linear.weight.device)
+
+    def forward(self, x):
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", grid={self.grid.name}"

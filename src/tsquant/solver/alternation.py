@@ -1,0 +1,440 @@
+"""Step 2: transformation-function learning for one layer (TSQ-METHOD.md, "Step 2").
+
+For every output channel at once, with pre-activation p = alpha * X w + bias + offset:
+
+    minimise ||y - Q(z)||^2 + lam * ||z - p||^2   over alpha > 0, w on a low-bit grid, z
+
+by alternating the closed-form alpha step, coordinate descent on w and the element-wise z step.
+Pure tensor math: no module, no model. ``offset`` is the known residual shortcut (spec,
+"Residual networks"); ``bias``/``init`` carry the folded non-affine BN (spec, "BN").
+
+Two variants:
+- ``paper``: the plain alternation of the spec (z may sit exactly on a bin edge, bias fixed).
+- ``tsquant`` (default): z kept ``margin * d`` inside its bin, bias updated in closed form,
+  lam grown geometrically so the relaxation tightens, and a final per-channel refinement of
+  alpha and bias on the true objective ||y - Q(p)||^2. See docs in README ("Solver variants").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..quantizers.activation import SparseQuantizer
+from ..quantizers.weight import WeightGrid, quantize_to_grid
+from .statistics import cross, gram, row_chunks
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    weight_bits: str | int = "ternary"
+    lam: float = 1.0
+    iters: int = 20
+    variant: str = "tsquant"  # "tsquant" or "paper"
+    cd_sweeps: int = 4  # coordinate-descent sweeps per w step (early stop when nothing changes)
+    margin: float = 0.05  # tsquant: z stays this fraction of d inside its bin
+    lam_growth: float = 1.3  # tsquant: lam multiplied by this after every alternation
+    learn_bias: bool = True  # tsquant: closed-form bias step; paper keeps the BN bias
+    fit_scale: bool = True  # tsquant: alpha/bias by the squared-hinge fit after each w step
+    refine: bool = True  # tsquant: final alpha/bias search on the true objective
+    refine_points: int = 9
+    refine_rounds: int = 2
+    ridge: float = 1e-4  # relative ridge for the least-squares initialisation
+    chunk_rows: int = 16384
+
+    def __post_init__(self):
+        WeightGrid.from_spec(self.weight_bits)
+        if self.variant not in ("tsquant", "paper"):
+            raise ValueError(f"solver variant must be 'tsquant' or 'paper', got {self.variant!r}")
+        if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}: try lam=1.0")
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"iters must be an integer >= 0, got {self.iters!r}")
+        if not 0 <= self.margin < 0.5:
+            raise ValueError(f"margin must be in [0, 0.5), got {self.margin!r}")
+        if self.lam_growth < 1:
+            raise ValueError(f"lam_growth must be >= 1, got {self.lam_growth!r}")
+
+    @property
+    def effective(self) -> SolverConfig:
+        """The paper variant switches every addition off."""
+        if self.variant == "paper":
+            return replace(
+                self, margin=0.0, lam_growth=1.0, learn_bias=False, fit_scale=False, refine=False
+            )
+        return self
+
+
+@dataclass
+class LayerSolution:
+    """Result of :func:`solve_layer`: output = Q(X @ (weight_codes * alpha[:, None]).T + bias)."""
+
+    weight_codes: torch.Tensor  # (c, n) int8 (int16 for 8-bit mid-rise grids)
+    alpha: torch.Tensor  # (c,)
+    bias: torch.Tensor  # (c,)
+    history: list[dict] = field(default_factory=list)
+    agreement_init: float = float("nan")  # code agreement of the initial (quantized init) weights
+    agreement: float = float("nan")  # final code agreement on the true quantized output
+    relative_error_init: float = float("nan")  # linear targets: ||t - p||^2 / ||t - mean t||^2
+    relative_error: float = float("nan")
+    seconds: float = 0.0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_codes.float() * self.alpha[:, None].float()
+
+
+class _Problem:
+    """Data of one layer's problem with chunked helpers (all (m, c) tensors share rows with X)."""
+
+    def __init__(self, x, targets, quantizer: SparseQuantizer, offset, chunk_rows):
+        self.x = x
+        self.chunk_rows = chunk_rows
+        self.step = quantizer.step
+        self.bits = quantizer.bits
+        # per-element work is float32 (as the model computes it); sums are accumulated in float64
+        self.edges = quantizer.thresholds().to(device=x.device, dtype=torch.float32)
+        self.target_codes = quantizer.encode(targets).to(x.device).long()
+        self.offset = offset.float() if offset is not None else None
+        stats = gram(x, chunk_rows)
+        self.gram, self.column_sum, self.m = stats.gram, stats.column_sum, stats.rows
+
+    def codes_of(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(pre, self.edges, right=False)
+
+    def projections(self, weights: torch.Tensor) -> torch.Tensor:
+        """S = X W' (m, c) in float32, chunked."""
+        out = torch.empty(self.m, weights.shape[0], dtype=torch.float32, device=self.x.device)
+        w = weights.T.to(self.x.dtype)
+        for rows in row_chunks(self.m, self.chunk_rows):
+            out[rows] = (self.x[rows] @ w).float()
+        return out
+
+    def pre_activation(self, s, alpha, bias):
+        p = torch.addcmul(bias.float()[None, :], s, alpha.float()[None, :])
+        return p + self.offset if self.offset is not None else p
+
+    def true_error(self, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel: sum of (y - Q(p))^2 and count of agreeing codes."""
+        codes = self.codes_of(pre)
+        diff = codes - self.target_codes
+        return (diff * diff).sum(0).double() * self.step**2, (diff == 0).sum(0)
+
+    def z_step(self, pre, lam, margin):
+        """Element-wise exact minimiser of (y - q_k)^2 + lam (z - p)^2 over bins k."""
+        levels = range(len(self.edges) + 1)
+        target = self.target_codes.float() * self.step
+        best_cost = torch.full_like(pre, float("inf"))
+        best_z = torch.empty_like(pre)
+        delta = margin * self.step
+        for k in range(len(levels)):
+            lo = self.edges[k - 1] + delta if k > 0 else -math.inf
+            hi = self.edges[k] - delta if k < len(self.edges) else math.inf
+            # right-closed bins: without a margin the bin's upper edge itself belongs to it
+            z = pre.clamp(min=float(lo), max=float(hi)) if k > 0 else pre.clamp(max=float(hi))
+            if k > 0 and delta == 0:
+                # an open lower edge: nudge the clipped value just inside (t_k, t_{k+1}]
+                z = torch.where(z <= lo, torch.nextafter(torch.full_like(z, float(lo)), z + 1), z)
+            cost = (target - k * self.step) ** 2 + lam * (z - pre) ** 2
+            better = cost < best_cost
+            best_cost = torch.where(better, cost, best_cost)
+            best_z = torch.where(better, z, best_z)
+        return best_z, best_cost.sum(dtype=torch.float64)
+
+
+def _grid_round_wstep(gram_matrix, b, weights_t, alpha, grid: WeightGrid, sweeps: int):
+    """Coordinate descent on alpha^2 w'Aw - 2 alpha w'b for all channels at once.
+
+    weights_t: (n, c) codes as float64 (updated in place); b: (n, c) = X'r; alpha: (c,).
+    For coordinate j the 1-D minimiser is u_j = (b_j / alpha - sum_{i != j} A_ji w_i) / A_jj,
+    and the best grid value is u_j rounded and clipped (spec, step 2.2).
+    """
+    n = gram_matrix.shape[0]
+    diag = gram_matrix.diagonal()
+    g = gram_matrix @ weights_t  # (n, c): A W'
+    b_over_alpha = b / alpha[None, :]
+    total_changes = 0
+    for _ in range(sweeps):
+        changes = 0
+        for j in range(n):
+            a_jj = diag[j]
+            if a_jj <= 0:  # a column of X that is all zero: its weight does not matter
+                continue
+            old = weights_t[j]
+            u = (b_over_alpha[j] - g[j] + a_jj * old) / a_jj
+            new = grid.round(u)
+            delta = new - old
+            moved = delta != 0
+            if moved.any():
+                g.addr_(gram_matrix[:, j], delta)
+                weights_t[j] = new
+                changes += int(moved.sum())
+        total_changes += changes
+        if changes == 0:
+            break
+    return total_changes
+
+
+def _alpha_step(gram_matrix, b, weights_t, alpha):
+    """alpha = (w'b) / (w'Aw) per channel; a negative ratio flips w (the grid is symmetric)."""
+    quad = (weights_t * (gram_matrix @ weights_t)).sum(0)
+    lin = (weights_t * b).sum(0)
+    ok = quad > 0
+    new_alpha = torch.where(ok, lin / quad.clamp_min(1e-300), alpha)
+    flip = new_alpha < 0
+    weights_t[:, flip] *= -1
+    return torch.where(ok, new_alpha.abs().clamp_min(1e-12), alpha)
+
+
+def _initial_weights(problem: _Problem, init, bias, grid, config, c):
+    if init is not None:
+        codes, alpha = quantize_to_grid(init.reshape(c, -1), grid)
+        return codes.double().T.contiguous(), alpha.double()
+    # least-squares fit to a pre-activation placed inside each target code's bin
+    step, edges = problem.step, problem.edges
+    z0 = problem.target_codes.double() * step
+    z0 = torch.where(problem.target_codes == 0, torch.as_tensor(float(edges[0]) - step / 2), z0)
+    r = z0 - bias[None, :]
+    if problem.offset is not None:
+        r = r - problem.offset
+    rhs = cross(problem.x, r, config.chunk_rows)
+    ridge = config.ridge * problem.gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(problem.gram.shape[0], dtype=torch.float64, device=problem.gram.device)
+    w_ls = torch.linalg.solve(problem.gram + ridge * eye, rhs)  # (n, c)
+    codes, alpha = quantize_to_grid(w_ls.T, grid)
+    return codes.double().T.contiguous(), alpha.double()
+
+
+def _fit_alpha_bias(problem: _Problem, s, alpha, bias, margin: float, iters: int = 10):
+    """Per-channel (alpha, bias) minimising the squared distance of p to its target bin.
+
+    This is the lam -> 0 limit of the relaxed objective restricted to (alpha, bias): a convex
+    squared hinge, minimised by Newton steps on the rows outside their bins (active set) with
+    backtracking, so unlike the plain alpha step it does not stall with p parked on bin edges.
+    """
+    delta = margin * problem.step
+    edges = problem.edges
+    inf = edges.new_tensor([math.inf])
+    lower = torch.cat([-inf, edges + delta])[problem.target_codes]
+    upper = torch.cat([edges - delta, inf])[problem.target_codes]
+
+    def loss_and_gap(a, b):
+        pre = problem.pre_activation(s, a, b)
+        gap = pre - torch.maximum(torch.minimum(pre, upper), lower)  # 0 inside the bin
+        return (gap * gap).sum(0, dtype=torch.float64), gap
+
+    loss, gap = loss_and_gap(alpha, bias)
+    for _ in range(iters):
+        active = (gap != 0).float()
+        s_a = s * active
+        h11 = (s_a * s).sum(0, dtype=torch.float64)
+        h12 = s_a.sum(0, dtype=torch.float64)
+        h22 = active.sum(0, dtype=torch.float64)
+        g1 = (s_a * gap).sum(0, dtype=torch.float64)
+        g2 = gap.sum(0, dtype=torch.float64)
+        det = h11 * h22 - h12 * h12
+        ok = det > 1e-9 * (h11 * h22).clamp_min(1e-300)
+        det = det.clamp_min(1e-300)
+        # Newton step on the active rows: theta -= H^-1 g
+        new_a = torch.where(ok, alpha - (h22 * g1 - h12 * g2) / det, alpha)
+        new_b = torch.where(ok, bias - (h11 * g2 - h12 * g1) / det, bias)
+        step = torch.ones_like(alpha)
+        for _ in range(6):  # backtracking per channel
+            cand_a, cand_b = alpha + step * (new_a - alpha), bias + step * (new_b - bias)
+            cand_loss, _ = loss_and_gap(cand_a, cand_b)
+            good = (cand_loss <= loss) & (cand_a > 0)
+            if bool(good.all()):
+                break
+            step = torch.where(good, step, step / 2)
+        improved = good & (cand_loss < loss * (1 - 1e-6))
+        alpha, bias = torch.where(good, cand_a, alpha), torch.where(good, cand_b, bias)
+        loss, gap = loss_and_gap(alpha, bias)
+        if not bool(improved.any()):
+            break
+    return alpha, bias
+
+
+def _refine_alpha_bias(problem: _Problem, s, alpha, bias, config):
+    """Per-channel coordinate grid search of alpha and bias on the true error ||y - Q(p)||^2."""
+    best_err, _ = problem.true_error(problem.pre_activation(s, alpha, bias))
+    alpha, bias = alpha.clone(), bias.clone()
+    width_alpha, width_bias = 0.3, 0.5 * problem.step
+    offsets = torch.linspace(-1, 1, config.refine_points, dtype=torch.float64)
+    for _ in range(config.refine_rounds):
+        for which in ("alpha", "bias"):
+            for t in offsets:
+                cand_alpha = alpha * (1 + width_alpha * t) if which == "alpha" else alpha
+                cand_bias = bias + width_bias * t if which == "bias" else bias
+                err, _ = problem.true_error(problem.pre_activation(s, cand_alpha, cand_bias))
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                alpha = torch.where(better, cand_alpha, alpha)
+                bias = torch.where(better, cand_bias, bias)
+        width_alpha, width_bias = width_alpha / 4, width_bias / 4
+    return alpha, bias
+
+
+def solve_layer(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    quantizer: SparseQuantizer,
+    weight_bits: str | int | None = None,
+    lam: float | None = None,
+    iters: int | None = None,
+    init: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    config: SolverConfig | None = None,
+    verbose: bool = False,
+) -> LayerSolution:
+    """Learn low-bit weights so that Q(X W' + bias + offset) reproduces the target codes.
+
+    X: (m, n) layer inputs (rows = samples/positions). Y: (m, c) targets on the quantizer's
+    levels. init: optional full-precision weights (c, n) in pre-activation units (BN already
+    folded in); without it a least-squares fit starts the solver. ``weight_bits``, ``lam`` and
+    ``iters`` override the fields of ``config`` (default :class:`SolverConfig`). bias: (c,) fixed/initial
+    bias (folded BN: -mu/sigma); offset: (m, c) known additive term (residual shortcut).
+    """
+    start = time.perf_counter()
+    overrides = {"weight_bits": weight_bits, "lam": lam, "iters": iters}
+    config = replace(config or SolverConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    cfg = config.effective
+    grid = WeightGrid.from_spec(cfg.weight_bits)
+    _check_inputs(X, Y, init, bias, offset)
+    m, c = Y.shape
+    problem = _Problem(X, Y, quantizer, offset, cfg.chunk_rows)
+    bias = (
+        torch.zeros(c, dtype=torch.float64, device=X.device)
+        if bias is None
+        else bias.detach().double().to(X.device).clone()
+    )
+    weights_t, alpha = _initial_weights(problem, init, bias, grid, cfg, c)
+
+    s = problem.projections(weights_t.T)
+    pre = problem.pre_activation(s, alpha, bias)
+    err, agree = problem.true_error(pre)
+    agreement_init = float(agree.sum()) / (m * c)
+    history = [{"iter": 0, "objective": float("nan"), "true_error": float(err.sum()) / m,
+                "agreement": agreement_init, "changes": 0, "lam": cfg.lam}]
+    lam_now = cfg.lam
+    z, _ = problem.z_step(pre, lam_now, cfg.margin)
+    best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
+    still = 0
+    for it in range(1, cfg.iters + 1):
+        residual = z - bias.float()[None, :]
+        if problem.offset is not None:
+            residual = residual - problem.offset
+        b = cross(X, residual, cfg.chunk_rows)
+        alpha = _alpha_step(problem.gram, b, weights_t, alpha)
+        changes = _grid_round_wstep(problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
+        alpha = _alpha_step(problem.gram, b, weights_t, alpha)
+        s = problem.projections(weights_t.T)
+        if cfg.learn_bias:
+            shift = z if problem.offset is None else z - problem.offset
+            bias = (shift - s * alpha.float()[None, :]).mean(0, dtype=torch.float64)
+        if cfg.fit_scale:
+            alpha, bias = _fit_alpha_bias(problem, s, alpha, bias, cfg.margin)
+        pre = problem.pre_activation(s, alpha, bias)
+        z, zcost = problem.z_step(pre, lam_now, cfg.margin)
+        err, agree = problem.true_error(pre)
+        if float(err.sum()) < best[0]:
+            best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
+        history.append({"iter": it, "objective": float(zcost) / m, "true_error": float(err.sum()) / m,
+                        "agreement": float(agree.sum()) / (m * c), "changes": changes, "lam": lam_now})
+        if verbose:
+            h = history[-1]
+            print(f"  iter {it:3d} relaxed {h['objective']:.5f} true {h['true_error']:.5f} "
+                  f"agree {h['agreement']:.4f} changes {changes}")
+        still = still + 1 if changes == 0 else 0
+        if still >= 2:
+            break  # w has not moved for two alternations: the iterate is (close to) a fixed point
+        lam_now *= cfg.lam_growth
+
+    if cfg.variant == "tsquant":  # keep the best iterate on the true objective
+        _, weights_t, alpha, bias = best
+    if cfg.refine:
+        s = problem.projections(weights_t.T)
+        alpha, bias = _refine_alpha_bias(problem, s, alpha, bias, cfg)
+    s = problem.projections(weights_t.T)
+    _, agree = problem.true_error(problem.pre_activation(s, alpha, bias))
+    return LayerSolution(
+        weight_codes=weights_t.T.contiguous().to(grid.code_dtype),
+        alpha=alpha.float(),
+        bias=bias.float(),
+        history=history,
+        agreement_init=agreement_init,
+        agreement=float(agree.sum()) / (m * c),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _check_inputs(X, Y, init, bias, offset):
+    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"X must be (m, n) and Y (m, c) with the same m; got {tuple(X.shape)} and {tuple(Y.shape)}"
+        )
+    if X.shape[0] == 0:
+        raise ValueError("no calibration rows: X is empty; give the solver at least one sample")
+    if not torch.isfinite(X).all() or not torch.isfinite(Y).all():
+        raise ValueError("X or Y contains NaN/Inf: check the calibration data and the step-1 model")
+    c, n = Y.shape[1], X.shape[1]
+    if init is not None and init.reshape(init.shape[0], -1).shape != (c, n):
+        raise ValueError(f"init must have shape ({c}, {n}), got {tuple(init.shape)}")
+    if bias is not None and bias.shape != (c,):
+        raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")
+    if offset is not None and offset.shape != Y.shape:
+        raise ValueError(f"offset must have the shape of Y {tuple(Y.shape)}, got {tuple(offset.shape)}")
+
+
+def solve_linear_layer(
+    X: torch.Tensor,
+    T: torch.Tensor,
+    init: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    config: SolverConfig | None = None,
+) -> LayerSolution:
+    """Low-bit weights for a layer with no quantizer after it (a projection shortcut that is
+    added into a coded chain, or a quantized last layer): minimise ||T - (alpha X w + bias)||^2
+    by the same alpha step and coordinate descent, with z fixed to the target T."""
+    start = time.perf_counter()
+    cfg = (config or SolverConfig()).effective
+    grid = WeightGrid.from_spec(cfg.weight_bits)
+    _check_inputs(X, T, init, bias, None)
+    m, c = T.shape
+    stats = gram(X, cfg.chunk_rows)
+    target = T.double()
+    spread = ((target - target.mean(0)) ** 2).sum().clamp_min(1e-12)
+    bias = torch.zeros(c, dtype=torch.float64, device=X.device) if bias is None else bias.double().clone()
+    if init is None:
+        eye = torch.eye(X.shape[1], dtype=torch.float64, device=X.device)
+        ridge = cfg.ridge * stats.gram.diagonal().mean().clamp_min(1e-12)
+        init = torch.linalg.solve(stats.gram + ridge * eye, cross(X, target - bias, cfg.chunk_rows)).T
+    codes, alpha = quantize_to_grid(init.reshape(c, -1), grid)
+    weights_t, alpha = codes.double().T.contiguous(), alpha.double()
+
+    def relative_error():
+        pred = torch.zeros_like(target)
+        for rows in row_chunks(m, cfg.chunk_rows):
+            pred[rows] = (X[rows].double() @ weights_t) * alpha + bias
+        return float(((target - pred) ** 2).sum() / spread)
+
+    error_init = relative_error()
+    history = [{"iter": 0, "relative_error": error_init}]
+    for it in range(1, cfg.iters + 1):
+        b = cross(X, target - bias, cfg.chunk_rows)
+        alpha = _alpha_step(stats.gram, b, weights_t, alpha)
+        changes = _grid_round_wstep(stats.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
+        alpha = _alpha_step(stats.gram, b, weights_t, alpha)
+        # closed-form bias: mean residual, from the column sums of X
+        bias = target.mean(0) - alpha * (stats.column_sum @ weights_t) / m
+        history.append({"iter": it, "relative_error": relative_error(), "changes": changes})
+        if changes == 0 and it > 1:
+            break
+    return LayerSolution(
+        weight_codes=weights_t.T.contiguous().to(grid.code_dtype), alpha=alpha.float(),
+        bias=bias.float(), history=history, relative_error_init=error_init,
+        relative_error=history[-1]["relative_error"], seconds=time.perf_counter() - start,
+    )

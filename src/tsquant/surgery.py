@@ -1,0 +1,302 @@
+"""Model surgery: the one place that walks a model and rewrites it.
+
+``analyse`` traces the model with torch.fx and finds every chain
+
+    Conv2d/Linear -> BatchNorm (no affine) -> [+ shortcut] -> ReLU
+
+``prepare_step1`` turns a trained FP model into the step-1 TSQ model (TSQ-METHOD.md, step 1):
+affine BNs are folded into the previous layer and replaced by non-affine BNs, and every ReLU
+becomes a :class:`SparseQuantizer`. ``write_back`` puts a step-2 solution into the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from .quantizers.activation import SparseQuantizer
+from .quantizers.modules import QuantizedConv2d, QuantizedLinear
+
+WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+ACTIVATIONS = (nn.ReLU, SparseQuantizer)
+PASS_THROUGH = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+    nn.Identity, nn.Dropout,
+)
+SUPPORTED = WEIGHT_LAYERS + BATCH_NORMS + ACTIVATIONS + PASS_THROUGH
+UNSUPPORTED_FUNCTIONS = {"relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "relu6",
+                         "leaky_relu", "elu", "softplus", "hardswish", "mish"}
+ADDS = {operator.add, operator.iadd, torch.add}
+
+
+class SurgeryError(ValueError):
+    """The model cannot be turned into a TSQ model; the message names the modules and the fix."""
+
+
+@dataclass
+class Layer:
+    """One weight layer of the model and what step 2 must do with it.
+
+    kind: "coded" (conv/linear -> BN -> [add] -> Q: target = step-1 codes),
+          "linear" (conv/linear -> BN -> add, the other operand being a coded chain: target = the
+          step-1 BN output) or "head" (no activation after it: target = step-1 outputs).
+    """
+
+    name: str
+    kind: str
+    bn: str | None = None
+    activation: str | None = None
+    residual: bool = False
+    feeds: list[str] = field(default_factory=list)  # linear layers added into this chain
+    first: bool = False
+    last: bool = False
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, SUPPORTED + (QuantizedConv2d, QuantizedLinear)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # fx raises many kinds
+        raise SurgeryError(
+            f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc}); "
+            "remove data-dependent Python control flow from forward()"
+        ) from None
+    return torch.fx.GraphModule(model, graph)
+
+
+def _module_of(gm, node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is(gm, node, types) -> bool:
+    return node is not None and isinstance(_module_of(gm, node), types)
+
+
+def _is_add(node) -> bool:
+    return (node.op == "call_function" and node.target in ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+
+
+def analyse(model: nn.Module) -> list[Layer]:
+    """Weight layers in topological order, each with its role for step 2.
+
+    Raises SurgeryError listing every unsupported module or activation by qualified name.
+    """
+    gm = _trace(model)
+    nodes = list(gm.graph.nodes)
+    problems = []
+    for node in nodes:
+        module = _module_of(gm, node)
+        if module is not None and not isinstance(module, SUPPORTED + (QuantizedConv2d, QuantizedLinear)):
+            problems.append(f"{node.target} ({type(module).__name__})")
+        if node.op in ("call_function", "call_method"):
+            fname = getattr(node.target, "__name__", str(node.target))
+            if fname in UNSUPPORTED_FUNCTIONS:
+                problems.append(f"{node.name} (functional {fname}; use an nn.ReLU module)")
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            problems.append(f"{node.target} (grouped Conv2d, groups={module.groups})")
+    if problems:
+        raise SurgeryError("unsupported modules: " + ", ".join(problems) +
+                           " — tsquant handles Conv2d/Linear/BatchNorm/ReLU/pooling/residual adds")
+
+    calls: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    reused = [f"{n} ({k} call sites)" for n, k in calls.items()
+              if k > 1 and isinstance(gm.get_submodule(n), ACTIVATIONS + WEIGHT_LAYERS + BATCH_NORMS)]
+    if reused:
+        raise SurgeryError("modules used more than once: " + ", ".join(reused) +
+                           " — give every call site its own module instance")
+
+    weight_nodes = [n for n in nodes if _is(gm, n, WEIGHT_LAYERS)]
+    if not weight_nodes:
+        raise SurgeryError("the model has no Conv2d/Linear layer to quantize")
+    layers: dict[str, Layer] = {n.target: Layer(n.target, "head") for n in weight_nodes}
+
+    def bn_chain(node):
+        """BN node fed directly by a weight layer, else None."""
+        if _is(gm, node, BATCH_NORMS) and _is(gm, node.args[0], WEIGHT_LAYERS):
+            return node
+        return None
+
+    for node in nodes:
+        if not _is(gm, node, ACTIVATIONS):
+            continue
+        src = node.args[0]
+        bn = bn_chain(src)
+        if bn is not None:
+            layers[bn.args[0].target] = Layer(bn.args[0].target, "coded", bn.target, node.target)
+            continue
+        if _is_add(src):
+            operands = [a for a in src.args if isinstance(a, torch.fx.Node)]
+            chains = [bn_chain(a) for a in operands]
+            if any(c is not None for c in chains):
+                main = next(c for c in reversed(chains) if c is not None)
+                conv_name = main.args[0].target
+                layer = Layer(conv_name, "coded", main.target, node.target, residual=True)
+                for c in chains:
+                    if c is not None and c is not main:
+                        layers[c.args[0].target] = Layer(c.args[0].target, "linear", c.target)
+                        layer.feeds.append(c.args[0].target)
+                layers[conv_name] = layer
+                continue
+        raise SurgeryError(
+            f"activation '{node.target}' is not preceded by BatchNorm (directly or through a "
+            "residual add): put a BatchNorm after the layer that feeds it"
+        )
+    ordered = [layers[n.target] for n in weight_nodes]
+    for layer in ordered:
+        layer.first = layer is ordered[0]
+        layer.last = layer is ordered[-1]
+    return ordered
+
+
+def _head_input_activations(model: nn.Module, layers: list[Layer]) -> set[str]:
+    """Activations whose output only reaches the last layer (through pooling/flatten)."""
+    gm = _trace(model)
+    head = layers[-1].name
+    found = set()
+    for node in gm.graph.nodes:
+        if not _is(gm, node, ACTIVATIONS):
+            continue
+        frontier, reaches = list(node.users), []
+        while frontier:
+            user = frontier.pop()
+            if _is(gm, user, WEIGHT_LAYERS) or user.op == "output":
+                reaches.append(user.target)
+            elif _is(gm, user, ACTIVATIONS) or _is(gm, user, BATCH_NORMS) or _is_add(user):
+                reaches.append(None)
+            else:
+                frontier.extend(user.users)
+        if reaches and all(r == head for r in reaches):
+            found.add(node.target)
+    return found
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _fold_affine_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """Fold BN's gamma/beta into the layer before and return the matching non-affine BN.
+
+    gamma (x - mu) / sigma + beta = conv'(x) with weights scaled by gamma/sigma and bias
+    beta - gamma mu / sigma; the new non-affine BN gets mean beta and variance gamma^2, so it
+    normalises conv'(x) back to (x - mu) / sigma up to the sign of gamma.
+    """
+    with torch.no_grad():
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        scale = bn.weight / sigma
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        conv.weight.mul_(scale.reshape(shape))
+        old_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = bn.bias + scale * (old_bias - bn.running_mean)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+        new_bn = type(bn)(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=False)
+        new_bn.running_mean.copy_(bn.bias)
+        new_bn.running_var.copy_(bn.weight**2 * bn.running_var / (bn.running_var + bn.eps))
+    return new_bn.to(bn.running_mean.device)
+
+
+def prepare_step1(
+    model: nn.Module,
+    bits: int = 2,
+    eps: float = 0.32,
+    keep_head_input_fp: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """FP model -> step-1 model: non-affine BNs, ReLUs replaced by sparse quantizers.
+
+    ``keep_head_input_fp`` keeps a full-precision ReLU on the input of the last layer, as in the
+    authors' released AlexNet (spec, "Released AlexNet layout").
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = analyse(model)
+    keep_fp = _head_input_activations(model, layers) if keep_head_input_fp else set()
+    for layer in layers:
+        if layer.bn is None:
+            continue
+        bn = model.get_submodule(layer.bn)
+        if bn.affine:
+            _set_module(model, layer.bn, _fold_affine_bn(model.get_submodule(layer.name), bn))
+        if layer.activation is not None and layer.activation not in keep_fp:
+            _set_module(model, layer.activation, SparseQuantizer.from_gaussian(bits=bits, eps=eps))
+    return model
+
+
+def quantizable_layers(layers: list[Layer], first_layer: str = "fp", last_layer: str = "fp"):
+    """Layers step 2 replaces, after the first/last layer policy ("fp" or a weight format)."""
+    out = []
+    for layer in layers:
+        if layer.first and first_layer == "fp":
+            continue
+        if layer.last and last_layer == "fp":
+            continue
+        out.append(layer)
+    return out
+
+
+def bn_affine(model: nn.Module, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with BN(conv(x)) = scale * conv_nobias(x) + shift per output channel."""
+    module = model.get_submodule(layer.name)
+    c = module.weight.shape[0]
+    device = module.weight.device
+    bias = module.bias.detach() if module.bias is not None else torch.zeros(c, device=device)
+    if layer.bn is None:
+        return torch.ones(c, device=device), bias
+    bn = model.get_submodule(layer.bn)
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    scale = 1 / sigma
+    shift = (bias - bn.running_mean) / sigma
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale.detach(), shift.detach()
+
+
+def write_back(model: nn.Module, layer: Layer, codes, alpha, bias, grid) -> None:
+    """Replace the layer by its quantized twin (BN folded into alpha and bias) and the BN by
+    Identity: output = codes * alpha (*) x + bias."""
+    module = model.get_submodule(layer.name)
+    if isinstance(module, nn.Conv2d):
+        new = QuantizedConv2d.from_conv(module, grid)
+    else:
+        new = QuantizedLinear.from_linear(module, grid)
+    new.set_quantized(codes, alpha, bias)
+    _set_module(model, layer.name, new)
+    if layer.bn is not None:
+        _set_module(model, layer.bn, nn.Identity())
+
+
+def sparse_quantizers(model: nn.Module) -> dict[str, SparseQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantizer)}
+
+
+def check_weights_on_grid(model: nn.Module) -> bool:
+    """True when every quantized layer's weight is exactly alpha * grid integer."""
+    for m in model.modules():
+        if isinstance(m, QuantizedConv2d | QuantizedLinear):
+            w = m.weight.detach()
+            rebuilt = m.weight_codes.float() * m._alpha_view().detach()
+            if not torch.allclose(w, rebuilt, rtol=0, atol=1e-6 * float(w.abs().max()) + 1e-12):
+                return False
+    return True
+
+
+__all__ = ["Layer", "SurgeryError", "analyse", "prepare_step1", "write_back", "quantizable_layers",
+           "bn_affine", "sparse_quantizers", "check_weights_on_grid"]

@@ -1,0 +1,238 @@
+"""Step-2 driver over a whole model (TSQ-METHOD.md, "Step 2" and the [choice] list).
+
+Layer by layer in topological order: capture the layer's inputs (sequential: from the model whose
+earlier layers are already quantized; parallel: from the step-1 model) and its step-1 targets at
+the same sampled positions, solve, write the low-bit layer back. Only one layer's data is held
+at a time; forward passes stop as soon as the layer's tensors are captured.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers.activation import SparseQuantizer
+from .quantizers.weight import WeightGrid
+from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
+from .surgery import Layer, analyse, bn_affine, quantizable_layers, write_back
+
+
+@dataclass
+class TransformConfig:
+    """Options of step 2 over a model; every field has a default (see README, "Step 2")."""
+
+    weight_bits: str | int = "ternary"
+    mode: str = "sequential"  # or "parallel": inputs are the step-1 codes
+    lam: float = 3.0
+    iters: int = 20
+    variant: str = "tsquant"  # or "paper"
+    positions_per_image: int = 64  # sampled output positions per image for conv layers
+    max_images: int | None = None  # cap on calibration images (None: the whole loader)
+    first_layer: str = "fp"  # "fp" or "quantize"
+    last_layer: str = "fp"
+    seed: int = 0
+    device: str = "cpu"
+    verbose: bool = True
+    solver: SolverConfig = field(default_factory=SolverConfig)
+
+    def __post_init__(self):
+        if self.mode not in ("sequential", "parallel"):
+            raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
+        for name in ("first_layer", "last_layer"):
+            if getattr(self, name) not in ("fp", "quantize"):
+                raise ValueError(f"{name} must be 'fp' or 'quantize', got {getattr(self, name)!r}")
+        if not isinstance(self.positions_per_image, int) or self.positions_per_image < 1:
+            raise ValueError(f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}")
+        WeightGrid.from_spec(self.weight_bits)
+        self.solver = SolverConfig(**{**asdict(self.solver), "weight_bits": self.weight_bits,
+                                      "lam": self.lam, "iters": self.iters, "variant": self.variant})
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Capture:
+    """Forward hooks that grab named tensors and stop the pass once all have arrived."""
+
+    def __init__(self, model: nn.Module, wanted: dict[str, tuple[str, str]]):
+        # wanted: key -> (module name, "input" | "output")
+        self.model, self.wanted, self.got, self.handles = model, wanted, {}, []
+        self.active = False  # two captures may hook the same model (parallel mode)
+        for key, (name, where) in wanted.items():
+            module = model.get_submodule(name)
+            if where == "input":
+                self.handles.append(module.register_forward_pre_hook(self._pre(key)))
+            else:
+                self.handles.append(module.register_forward_hook(self._post(key)))
+
+    def _done(self):
+        if len(self.got) == len(self.wanted):
+            raise _Stop
+
+    def _pre(self, key):
+        def hook(module, args):
+            if self.active:
+                self.got[key] = args[0].detach()
+                self._done()
+        return hook
+
+    def _post(self, key):
+        def hook(module, args, output):
+            if self.active:
+                self.got[key] = output.detach()
+                self._done()
+        return hook
+
+    def run(self, x) -> dict[str, torch.Tensor]:
+        self.got, self.active = {}, True
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            self.active = False
+        if len(self.got) != len(self.wanted):
+            missing = sorted(set(self.wanted) - set(self.got))
+            raise RuntimeError(f"forward pass never reached {missing}")
+        return self.got
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _positions(n_images: int, spatial: int, per_image: int, gen: torch.Generator) -> torch.Tensor:
+    """(n_images, P) random distinct output positions per image."""
+    p = min(per_image, spatial)
+    return torch.rand(n_images, spatial, generator=gen).argsort(dim=1)[:, :p]
+
+
+def _rows_from_map(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) at positions (N, P) -> (N * P, C)."""
+    flat = t.flatten(2)  # N, C, L
+    picked = flat.gather(2, pos[:, None, :].expand(-1, flat.shape[1], -1))
+    return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
+
+
+def _patch_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """im2col rows of the conv input at output positions pos: (N * P, C_in * kh * kw)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, use zeros")
+    rows = []
+    for s in range(0, x.shape[0], chunk):
+        cols = F.unfold(x[s:s + chunk], conv.kernel_size, dilation=conv.dilation,
+                        padding=conv.padding, stride=conv.stride)  # N, n, L
+        p = pos[s:s + chunk]
+        picked = cols.gather(2, p[:, None, :].expand(-1, cols.shape[1], -1))
+        rows.append(picked.permute(0, 2, 1).reshape(-1, cols.shape[1]))
+    return torch.cat(rows)
+
+
+def _batches(loader: Iterable, max_images: int | None, device):
+    seen = 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        if max_images is not None:
+            if seen >= max_images:
+                break
+            x = x[: max_images - seen]
+        seen += x.shape[0]
+        yield x.to(device)
+    if seen == 0:
+        raise ValueError("the calibration loader yielded no images: give step 2 some training images")
+
+
+def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen, target_kind):
+    """Rows of X, targets and (residual) offsets of one layer over the calibration set."""
+    src_wanted = {"x": (layer.name, "input")}
+    if layer.residual:
+        src_wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
+    tgt_name, tgt_where = {"codes": (layer.activation, "output"), "pre": (layer.bn, "output"),
+                           "out": (layer.name, "output")}[target_kind]
+    src_cap = _Capture(source, src_wanted)
+    tgt_cap = _Capture(step1, {"y": (tgt_name, tgt_where)})
+    module = source.get_submodule(layer.name)
+    xs, ys, offs = [], [], []
+    try:
+        with torch.no_grad():
+            for x in _batches(loader, cfg.max_images, cfg.device):
+                got, y = src_cap.run(x), tgt_cap.run(x)["y"]
+                offset = got["pre"] - got["bn"] if layer.residual else None
+                if isinstance(module, nn.Conv2d):
+                    spatial = y.shape[2] * y.shape[3]
+                    pos = _positions(x.shape[0], spatial, cfg.positions_per_image, gen).to(x.device)
+                    xs.append(_patch_rows(module, got["x"], pos))
+                    ys.append(_rows_from_map(y, pos))
+                    if offset is not None:
+                        offs.append(_rows_from_map(offset, pos))
+                else:
+                    xs.append(got["x"].flatten(1))
+                    ys.append(y.flatten(1))
+                    if offset is not None:
+                        offs.append(offset.flatten(1))
+    finally:
+        src_cap.close()
+        tgt_cap.close()
+    return torch.cat(xs), torch.cat(ys), (torch.cat(offs) if offs else None)
+
+
+def transform(
+    model_step1: nn.Module,
+    calib_loader: Iterable,
+    config: TransformConfig | None = None,
+    report: list | None = None,
+) -> nn.Module:
+    """Step 2: return a copy of the step-1 model whose weight layers are low-bit.
+
+    ``report``, when given, receives one dict per solved layer (time, agreement, history).
+    """
+    cfg = config or TransformConfig()
+    step1 = model_step1.to(cfg.device).eval()
+    quantized = copy.deepcopy(step1).eval()
+    layers = analyse(step1)
+    todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    grid = WeightGrid.from_spec(cfg.weight_bits)
+    total = time.perf_counter()
+    for index, layer in enumerate(todo, 1):
+        start = time.perf_counter()
+        source = quantized if cfg.mode == "sequential" else step1
+        activation = step1.get_submodule(layer.activation) if layer.activation else None
+        coded = layer.kind == "coded" and isinstance(activation, SparseQuantizer)
+        target_kind = "codes" if coded else ("pre" if layer.bn else "out")
+        X, Y, offset = _collect(layer, source, step1, calib_loader, cfg, gen, target_kind)
+        weight = step1.get_submodule(layer.name).weight.detach()
+        scale, shift = bn_affine(step1, layer)
+        init = weight.reshape(weight.shape[0], -1) * scale[:, None]
+        capture_s = time.perf_counter() - start
+        if coded:
+            sol = solve_layer(X, Y, activation, init=init, bias=shift, offset=offset,
+                              config=cfg.solver)
+        else:
+            sol = solve_linear_layer(X, Y, init=init, bias=shift, config=cfg.solver)
+        write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
+        row = {"layer": layer.name, "kind": "coded" if coded else target_kind, "rows": X.shape[0],
+               "inputs": X.shape[1], "channels": Y.shape[1], "capture_s": capture_s,
+               "solve_s": sol.seconds, "agreement_init": sol.agreement_init,
+               "agreement": sol.agreement, "relative_error_init": sol.relative_error_init,
+               "relative_error": sol.relative_error, "history": sol.history}
+        if report is not None:
+            report.append(row)
+        if cfg.verbose:
+            before, after = ((sol.agreement_init, sol.agreement) if coded
+                             else (sol.relative_error_init, sol.relative_error))
+            metric = "agree" if coded else "rel.err"
+            print(f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.shape[0]}x{X.shape[1]}->{Y.shape[1]} "
+                  f"{metric} {before:.4f} -> {after:.4f}  "
+                  f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s", flush=True)
+        del X, Y, offset
+    if cfg.verbose:
+        print(f"[step2] {len(todo)} layers in {time.perf_counter() - total:.1f}s", flush=True)
+    return quantized
