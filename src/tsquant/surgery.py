@@ -298,5 +298,25 @@ def check_weights_on_grid(model: nn.Module) -> bool:
     return True
 
 
+
+
+
+def quantized_skeleton(step1_model: nn.Module, layer_names: list[str], grid) -> nn.Module:
+    """The structure of a transformed model (for loading its checkpoint): the named layers
+    become quantized layers and their BNs Identity, exactly as :func:`write_back` leaves them."""
+    model = copy.deepcopy(step1_model)
+    by_name = {layer.name: layer for layer in analyse(model)}
+    unknown = [n for n in layer_names if n not in by_name]
+    if unknown:
+        raise SurgeryError(f"layers {unknown} are not weight layers of this model: "
+                           "the checkpoint comes from a different architecture")
+    for name in layer_names:
+        module = model.get_submodule(name)
+        c = module.weight.shape[0]
+        zeros = torch.zeros_like(module.weight).reshape(c, -1)
+        write_back(model, by_name[name], zeros, torch.ones(c), torch.zeros(c), grid)
+    return model
+
+
 __all__ = ["Layer", "SurgeryError", "analyse", "prepare_step1", "write_back", "quantizable_layers",
-           "bn_affine", "sparse_quantizers", "check_weights_on_grid"]
+           "bn_affine", "sparse_quantizers", "check_weights_on_grid", "quantized_skeleton"]

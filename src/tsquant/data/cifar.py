@@ -36,8 +36,8 @@ _SPLIT_FILES = {
     "test": ["test_batch"],
 }
 _HINT = (
-    "pass --data-root DIR holding cifar-10-batches-bin/ or cifar-10-binary.tar.gz, "
-    "or use --download"
+    "set data.root to a directory holding cifar-10-batches-bin/ or cifar-10-binary.tar.gz, "
+    "or set data.download=true"
 )
 
 
@@ -100,7 +100,7 @@ def restricted_load(path: str | os.PathLike[str]) -> Any:
     except DataError:
         raise
     except FileNotFoundError as exc:
-        raise DataError(f"{path} not found: check --data-root") from exc
+        raise DataError(f"{path} not found: check data.root") from exc
     except Exception as exc:  # UnpicklingError, EOFError, ValueError from numpy setstate ...
         raise DataError(
             f"cannot read pickle {path} ({type(exc).__name__}: {exc}): the file is truncated or "
@@ -110,7 +110,7 @@ def restricted_load(path: str | os.PathLike[str]) -> Any:
 
 def _str_keys(d: Any, path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
-        raise DataError(f"{path} does not hold a dict: not a CIFAR python batch; check --data-root")
+        raise DataError(f"{path} does not hold a dict: not a CIFAR python batch; check data.root")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in d.items()}
 
 
@@ -121,7 +121,7 @@ def _str_keys(d: Any, path: Path) -> dict[str, Any]:
 
 def _check_labels(labels: np.ndarray, path: Path) -> np.ndarray:
     if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
-        raise DataError(f"{path} has labels outside 0..9: not a CIFAR-10 file; check --data-root")
+        raise DataError(f"{path} has labels outside 0..9: not a CIFAR-10 file; check data.root")
     return labels.astype(np.int64)
 
 
@@ -144,7 +144,7 @@ def read_cifar_py(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]
     path = Path(path)
     d = _str_keys(restricted_load(path), path)
     if "data" not in d or "labels" not in d:
-        raise DataError(f"{path} lacks 'data'/'labels': not a CIFAR-10 batch; check --data-root")
+        raise DataError(f"{path} lacks 'data'/'labels': not a CIFAR-10 batch; check data.root")
     data = np.asarray(d["data"])
     labels = np.asarray(d["labels"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _RECORD - 1:

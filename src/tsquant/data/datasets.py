@@ -474,7 +474,7 @@ def load_dataset(
             if root is None:
                 raise DataError(
                     f"Imagenette not found ({SHARED_IMAGENETTE} not in ../shared/data): "
-                    "pass --data-root DIR or tarball with train/ and val/ class folders"
+                    "set data.root to a directory or tarball with train/ and val/ class folders"
                 )
         return _load_imagefolder(key, "val" if split == "test" else split, root,
                                  image_size or info.image_size, cache, "Imagenette",
@@ -482,7 +482,7 @@ def load_dataset(
 
     # generic imagefolder
     if root is None:
-        raise DataError("dataset 'imagefolder' needs a root: pass --data-root DIR or .tar.gz")
+        raise DataError("dataset 'imagefolder' needs a root: set data.root to a directory or .tar.gz")
     return _load_imagefolder(key, split, root, image_size, cache, Path(root).name, progress,
                              workers)
 
@@ -500,8 +500,8 @@ def _load_cifar10(root: str | os.PathLike[str] | None, split: str, image_size: i
             if folder is None and not download:
                 raise DataError(
                     "CIFAR-10 not found (no official copy in the cache, no ../shared/data/"
-                    f"{SHARED_CIFAR10_JPEG}): pass --data-root DIR holding "
-                    "cifar-10-batches-bin/ or cifar-10-binary.tar.gz, or use --download"
+                    f"{SHARED_CIFAR10_JPEG}): set data.root to a directory holding "
+                    "cifar-10-batches-bin/ or cifar-10-binary.tar.gz, or set data.download=true"
                 )
         elif (Path(root) / SHARED_CIFAR10_JPEG).is_file():
             folder = Path(root) / SHARED_CIFAR10_JPEG  # root = a shared data dir

@@ -67,7 +67,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         if raw[:2] == _GZIP_MAGIC:
             raw = gzip.decompress(raw)
     except FileNotFoundError as exc:
-        raise DataError(f"IDX file {path} not found: check the path or pass --data-root") from exc
+        raise DataError(f"IDX file {path} not found: check the path or set data.root (--set data.root=DIR)") from exc
     except (EOFError, OSError, zlib.error) as exc:  # truncated / corrupt gzip stream
         raise DataError(
             f"cannot decompress {path} ({type(exc).__name__}: {exc}): the file is truncated "
@@ -104,7 +104,7 @@ IDX_DATASETS: dict[str, IdxSpec] = {
             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
         ),
         default_root="/usr/share/datasets/fashion-mnist",
-        install_hint="run `apt-get install -y dataset-fashion-mnist` or pass --data-root",
+        install_hint="run `apt-get install -y dataset-fashion-mnist` or set data.root (--set data.root=DIR)",
         torchvision_dir="FashionMNIST",
     ),
     "mnist": IdxSpec(
@@ -118,7 +118,7 @@ IDX_DATASETS: dict[str, IdxSpec] = {
         },
         classes=tuple(str(i) for i in range(10)),
         default_root=None,
-        install_hint="pass --data-root DIR holding the MNIST IDX files, or use --download",
+        install_hint="set data.root to a directory holding the MNIST IDX files, or set data.download=true",
         torchvision_dir="MNIST",
     ),
 }

@@ -34,7 +34,7 @@ def resolve_root(root: str | os.PathLike[str], *, progress: bool = True) -> Path
     """Directory of an ImageFolder: `root` itself, or its extraction if it is a tarball."""
     r = Path(root).expanduser()
     if not r.exists():
-        raise DataError(f"image folder {r} not found: check the path or pass --data-root")
+        raise DataError(f"image folder {r} not found: check the path or set data.root (--set data.root=DIR)")
     if r.is_file():
         if not is_tarball(r):
             raise DataError(f"{r} is a file but not a tarball: pass a directory or a .tar.gz")

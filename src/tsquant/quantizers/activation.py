@@ -53,7 +53,7 @@ def quantize_codes(x: torch.Tensor, step: float, eps: float, bits: int) -> torch
     """Integer codes 0..2^bits-1 of x (uint8); x <= eps gives 0, bins are right-closed."""
     edges = thresholds(step, eps, bits).to(dtype=x.dtype, device=x.device)
     # bucketize(right=False) counts the edges strictly smaller than x: exactly Q's bins.
-    return torch.bucketize(x.detach(), edges, right=False).to(torch.uint8)
+    return torch.bucketize(x.detach().contiguous(), edges, right=False).to(torch.uint8)
 
 
 def codes_to_values(codes: torch.Tensor, step: float, dtype=torch.float32) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""Stage checkpoints: safetensors for tensors, JSON for metadata, written atomically.
+
+A stage folder holds ``model.safetensors`` + ``meta.json`` when the stage is complete, and
+``resume.safetensors`` + ``resume.json`` while it runs. Every file is written to a temporary
+name in the same folder and moved into place with os.replace, so a killed process leaves either
+the old file or the new one, never half of one. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or from another model; the message says what to do."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"tsquant": json.dumps(meta or {})}
+    _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=header))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: run the stage that writes it first")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or not a safetensors file ({exc}): delete it and re-run the stage"
+        ) from None
+
+
+def save_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"metadata {path} is unreadable ({exc}): delete the stage folder and re-run it") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> None:
+    """Load a safetensors state dict, naming the mismatch when it is another architecture."""
+    state = load_tensors(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if strict and (missing or unexpected or wrong):
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:3]}")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({'; '.join(parts)}): "
+            "it comes from a different architecture or stage; check model.name and the path"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+# --- optimizer / RNG state as tensors + JSON -----------------------------------------------------
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_to_tensors() -> dict[str, torch.Tensor]:
+    return {"rng.torch": torch.get_rng_state()}
+
+
+def rng_from_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])

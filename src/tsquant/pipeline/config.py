@@ -1,0 +1,263 @@
+"""Run configuration: YAML mapped onto validated dataclasses.
+
+Every option has a default and a help text (field metadata "help"); the CLI lists them and
+accepts them as ``--section.key VALUE`` overrides. Unknown keys are rejected with the nearest
+valid name suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+def opt(default, help: str, **kwargs):
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("fashion_mnist", "dataset name: fashion_mnist, mnist, cifar10, imagefolder, imagenette")
+    root: str | None = opt(None, "dataset directory or tarball (default: the dataset's standard place)")
+    image_size: int | None = opt(None, "input size for ImageFolder data (default: the dataset's)")
+    batch_size: int = opt(128, "training batch size")
+    eval_batch_size: int = opt(500, "evaluation batch size")
+    download: bool = opt(False, "download the dataset when it is not found (needs a network)")
+    train_subset: int | None = opt(None, "use only this many training images (quick runs)")
+    test_subset: int | None = opt(None, "evaluate on only this many test images (quick runs)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("small_cnn", "architecture: small_cnn, resnet20/32/56, vgg_small, alexnet_bn, resnet18")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(6, "epochs")
+    lr: float = opt(0.1, "peak learning rate (SGD with Nesterov momentum)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "weight decay")
+    schedule: str = opt("onecycle", "learning-rate schedule: onecycle, cosine or constant")
+    warmup: float = opt(0.15, "fraction of the steps spent warming up (onecycle)")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    augment: bool = opt(True, "standard augmentation (random crop, flip where the dataset uses it)")
+    checkpoint_seconds: float = opt(120.0, "also checkpoint mid-epoch at most this often (seconds)")
+
+
+@dataclass
+class CodesConfig(TrainConfig):
+    """Step 1: FP weights, sparse 2-bit activations, trained from the FP checkpoint."""
+
+    bits: int = opt(2, "activation bits")
+    eps: float = opt(0.32, "sparsity threshold eps (fraction of zeros = Phi(eps))")
+    keep_head_input_fp: bool = opt(True, "keep a FP ReLU on the last layer's input (released AlexNet)")
+
+
+@dataclass
+class TransformStageConfig:
+    weight_bits: str = opt("ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k")
+    mode: str = opt("sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)")
+    variant: str = opt("tsquant", "solver: tsquant (margin, bias, hinge alpha fit, refinement) or paper")
+    lam: float = opt(3.0, "lambda of the relaxed objective")
+    iters: int = opt(20, "alternations per layer")
+    calib_images: int = opt(2000, "calibration images (drawn from the training set)")
+    positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
+    first_layer: str = opt("fp", "first layer: fp or quantize")
+    last_layer: str = opt("fp", "last layer: fp or quantize")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    epochs: int = opt(2, "fine-tune epochs after step 2 (0 skips the stage)")
+    lr: float = opt(0.005, "peak learning rate of the fine-tune")
+    weight_decay: float = opt(0.0, "weight decay (latent weights)")
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("run", "run name (the folder under out_dir)")
+    out_dir: str = opt("runs", "where run folders are written")
+    seed: int = opt(0, "random seed")
+    device: str = opt("cpu", "cpu or cuda")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
+    init_checkpoint: str | None = opt(None, "FP checkpoint (safetensors) to start from instead of training")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data options"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model options"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "FP training"})
+    codes: CodesConfig = field(
+        default_factory=lambda: CodesConfig(epochs=3, lr=0.01),
+        metadata={"help": "step 1 training"},
+    )
+    transform: TransformStageConfig = field(default_factory=TransformStageConfig,
+                                            metadata={"help": "step 2"})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "fine-tune"})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
+
+
+def _types_of(annotation) -> tuple:
+    hint = annotation
+    if isinstance(hint, str):
+        hint = eval(hint, {**globals(), **vars(typing)})  # annotations of this module only
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(typing.get_args(hint))
+    return (hint,)
+
+
+def _coerce(value, annotation, where: str):
+    allowed = _types_of(annotation)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{where} must not be empty: give a value or remove the key")
+    if isinstance(value, str):  # CLI strings and YAML quoted values
+        for t in allowed:
+            if t is bool and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if t in (int, float):
+                try:
+                    return t(value)
+                except ValueError:
+                    continue
+        if value.lower() in ("none", "null") and type(None) in allowed:
+            return None
+        if str in allowed:
+            return value
+    for t in allowed:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{where} must be {names}, got {value!r}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values")
+    valid = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{where}'{_suggest(key, list(valid))}")
+        f = valid[key]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            merged = {**asdict(default), **(value or {})}
+            kwargs[key] = from_dict(type(default), merged, prefix=f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, f.type, where)
+    config = cls(**kwargs)
+    validate(config, prefix)
+    return config
+
+
+def _known_names(kind: str) -> list[str]:
+    if kind == "datasets":
+        from ..data import DATASETS
+
+        return list(DATASETS)
+    from ..models import model_names
+
+    return list(model_names())
+
+
+def validate(config, prefix: str = "") -> None:
+    """Range checks beyond types."""
+    checks = {
+        "bits": lambda v: isinstance(v, int) and 1 <= v <= 8,
+        "eps": lambda v: math.isfinite(v) and v >= 0,
+        "lam": lambda v: math.isfinite(v) and v > 0,
+        "epochs": lambda v: v >= 0,
+        "iters": lambda v: v >= 0,
+        "lr": lambda v: math.isfinite(v) and v > 0,
+        "batch_size": lambda v: v >= 1,
+        "calib_images": lambda v: v >= 1,
+        "positions_per_image": lambda v: v >= 1,
+        "mode": lambda v: v in ("sequential", "parallel"),
+        "variant": lambda v: v in ("tsquant", "paper"),
+        "schedule": lambda v: v in ("onecycle", "cosine", "constant"),
+        "first_layer": lambda v: v in ("fp", "quantize"),
+        "last_layer": lambda v: v in ("fp", "quantize"),
+        "device": lambda v: v == "cpu" or v.startswith("cuda"),
+    }
+    hints = {"bits": "use 1..8", "eps": "use eps >= 0, e.g. 0.32", "lam": "use lam > 0, e.g. 3.0",
+             "mode": "use sequential or parallel", "variant": "use tsquant or paper"}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in checks and value is not None and not checks[f.name](value):
+            hint = hints.get(f.name, "see `tsquant --help`")
+            raise ConfigError(f"{prefix}{f.name}={value!r} is out of range: {hint}")
+    for attr, known in (("dataset", "datasets"), ("name", "models")):
+        if isinstance(config, DataConfig | ModelConfig) and hasattr(config, attr):
+            valid = _known_names(known)
+            value = getattr(config, attr)
+            if value not in valid:
+                raise ConfigError(f"unknown {prefix}{attr} '{value}'{_suggest(value, valid)}")
+    if hasattr(config, "weight_bits"):
+        from ..quantizers.weight import WeightGrid
+
+        try:
+            WeightGrid.from_spec(config.weight_bits)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}weight_bits: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> RunConfig:
+    """Read YAML (or start from the defaults), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: give the path of a YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+        node[leaf] = value
+    return from_dict(RunConfig, data)
+
+
+def option_table(config: RunConfig | None = None) -> list[tuple[str, object, str]]:
+    """(dotted name, default, help) for every option, for --help."""
+    config = config or RunConfig()
+    rows = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            rows += [(f"{f.name}.{g.name}", getattr(value, g.name), g.metadata.get("help", ""))
+                     for g in fields(value)]
+        else:
+            rows.append((f.name, value, f.metadata.get("help", "")))
+    return rows

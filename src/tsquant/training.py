@@ -1,0 +1,155 @@
+"""One training loop for the train (FP), codes (step 1) and finetune stages.
+
+Resumable: model, optimizer, RNG, epoch and batch position are checkpointed atomically at the
+end of every epoch and at most every ``checkpoint_seconds`` within one, so a killed run goes on
+where it stopped and ends with the same weights as an uninterrupted run (CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .pipeline.checkpoints import (
+    load_json,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    rng_from_tensors,
+    rng_to_tensors,
+    save_json,
+    save_tensors,
+)
+
+
+def learning_rate(step: int, total: int, peak: float, schedule: str, warmup: float) -> float:
+    if schedule == "constant" or total <= 1:
+        return peak
+    t = step / max(total - 1, 1)
+    if schedule == "cosine":
+        return 0.5 * peak * (1 + math.cos(math.pi * t))
+    # onecycle: linear warm-up from peak/25, cosine down to peak/1e4
+    w = max(warmup, 1e-6)
+    if t < w:
+        return peak / 25 + (peak - peak / 25) * t / w
+    u = (t - w) / max(1 - w, 1e-6)
+    return peak / 1e4 + 0.5 * (peak - peak / 1e4) * (1 + math.cos(math.pi * u))
+
+
+def _progress(iterable, total, desc):
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30, disable=None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: str = "cpu", desc: str = "eval") -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = total = 0
+    for x, y in _progress(loader, len(loader), desc):
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += y.numel()
+    if total == 0:
+        raise ValueError("the evaluation loader is empty: check the test split")
+    return 100.0 * correct / total
+
+
+def _param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(
+    model: nn.Module,
+    train_loader,
+    cfg,
+    work_dir: Path,
+    device: str = "cpu",
+    desc: str = "train",
+    test_loader=None,
+) -> list[dict]:
+    """Train in place; resume from ``work_dir/resume.*`` when present. Returns per-epoch logs."""
+    work_dir = Path(work_dir)
+    model.to(device)
+    optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    epoch, batch, logs = 0, 0, []
+    resume_t, resume_j = work_dir / "resume.safetensors", work_dir / "resume.json"
+    if resume_t.exists() and resume_j.exists():
+        tensors, meta = load_tensors(resume_t), load_json(resume_j)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+        rng_from_tensors(tensors)
+        epoch, batch, logs = meta["epoch"], meta["batch"], meta["logs"]
+        print(f"[{desc}] resuming at epoch {epoch + 1} batch {batch}", flush=True)
+
+    def checkpoint(epoch_now: int, batch_now: int):
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors |= opt_tensors | rng_to_tensors()
+        save_tensors(resume_t, tensors)
+        save_json(resume_j, {"epoch": epoch_now, "batch": batch_now, "logs": logs,
+                             "optimizer": opt_meta})
+
+    last_save = time.monotonic()
+    while epoch < cfg.epochs:
+        model.train()
+        train_loader.set_epoch(epoch)
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = _progress(train_loader.iter_from(batch), steps_per_epoch - batch,
+                        f"{desc} {epoch + 1}/{cfg.epochs}")
+        for x, y in bar:
+            step = epoch * steps_per_epoch + batch
+            lr = learning_rate(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {float(loss)} at epoch {epoch + 1} batch {batch}: lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batch += 1
+            seen += y.numel()
+            correct += int((out.argmax(1) == y).sum())
+            loss_sum += float(loss.detach()) * y.numel()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}")
+            if time.monotonic() - last_save > cfg.checkpoint_seconds and batch < steps_per_epoch:
+                checkpoint(epoch, batch)
+                last_save = time.monotonic()
+        bar.close()
+        log = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+               "train_acc": 100 * correct / max(seen, 1)}
+        if test_loader is not None:
+            log["test_top1"] = evaluate(model, test_loader, device, f"{desc} eval")
+        logs.append(log)
+        print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} " +
+              " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in log.items() if k != "epoch"), flush=True)
+        epoch, batch = epoch + 1, 0
+        checkpoint(epoch, batch)
+        last_save = time.monotonic()
+    return logs
+
+
+def clear_resume(work_dir: Path) -> None:
+    for name in ("resume.safetensors", "resume.json"):
+        (Path(work_dir) / name).unlink(missing_ok=True)

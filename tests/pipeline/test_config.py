@@ -1,0 +1,58 @@
+import pytest
+
+from tsquant.pipeline.config import ConfigError, RunConfig, load_config, option_table
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "name: x\ncodes:\n  eps: 0.5\ntransform:\n  lam: 2\n"))
+    assert cfg.name == "x" and cfg.codes.eps == 0.5 and cfg.transform.lam == 2.0
+    assert isinstance(cfg.transform.lam, float)
+    # untouched nested defaults survive a partial section
+    assert cfg.codes.bits == 2 and cfg.codes.epochs == RunConfig().codes.epochs
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, {"train.epochs": "3", "data.download": "true", "data.root": "none"})
+    assert cfg.train.epochs == 3 and cfg.data.download is True and cfg.data.root is None
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("trian:\n  epochs: 1\n", "did you mean 'train'"),
+        ("codes:\n  epss: 0.3\n", "did you mean 'eps'"),
+        ("codes:\n  eps: -0.1\n", "codes.eps=-0.1 is out of range"),
+        ("codes:\n  bits: 9\n", "codes.bits=9 is out of range"),
+        ("transform:\n  lam: 0\n", "transform.lam=0.0 is out of range"),
+        ("transform:\n  weight_bits: 'ternery'\n", "unknown weight format"),
+        ("train:\n  epochs: many\n", "train.epochs must be int"),
+        ("transform:\n  mode: sideways\n", "use sequential or parallel"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_validation_errors_name_the_key_and_fix(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_option_table_has_help_for_every_option():
+    rows = option_table()
+    names = [r[0] for r in rows]
+    assert "codes.eps" in names and "transform.weight_bits" in names and "seed" in names
+    assert all(help_text for _, _, help_text in rows)
+    # nested defaults of the instance (codes trains with a small lr) are shown
+    assert dict((n, d) for n, d, _ in rows)["codes.lr"] == RunConfig().codes.lr
