@@ -37,7 +37,9 @@ def main() -> None:
         start = time.perf_counter()
         sol = solve_layer(x, y, quantizer, config=SolverConfig(variant=variant))
         recovered = float((sol.weight_codes.float() == w).float().mean())
-        print(f"| {variant} | {sol.agreement:.4f} | {recovered:.4f} | {time.perf_counter() - start:.1f} |")
+        print(
+            f"| {variant} | {sol.agreement:.4f} | {recovered:.4f} | {time.perf_counter() - start:.1f} |"
+        )
 
 
 if __name__ == "__main__":

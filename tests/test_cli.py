@@ -30,7 +30,7 @@ def tiny_fmnist(tmp_path, monkeypatch):
         labels = rng.integers(0, 2, n)
         images = rng.integers(0, 60, (n, 28, 28))
         for i, label in enumerate(labels):
-            images[i, (0 if label == 0 else 14):(14 if label == 0 else 28)] += 150
+            images[i, (0 if label == 0 else 14) : (14 if label == 0 else 28)] += 150
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
@@ -41,13 +41,25 @@ def test_help_lists_stages_and_options(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for word in ("train", "codes", "transform", "finetune", "eval", "report", "run",
-                 "codes.eps", "transform.lam", "default: 0.32"):
+    for word in (
+        "train",
+        "codes",
+        "transform",
+        "finetune",
+        "eval",
+        "report",
+        "run",
+        "codes.eps",
+        "transform.lam",
+        "default: 0.32",
+    ):
         assert word in out
 
 
 def test_module_entry_point_help():
-    done = subprocess.run([sys.executable, "-m", "tsquant", "--help"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "tsquant", "--help"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and "transform.weight_bits" in done.stdout
 
 
@@ -71,12 +83,35 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, fragment):
 
 
 def test_tiny_end_to_end_run(tmp_path, tiny_fmnist, capsys):
-    args = ["run", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "name=tiny",
-            "--set", f"data.root={tiny_fmnist}", "--set", "data.batch_size=32",
-            "--set", "data.eval_batch_size=64", "--set", "train.epochs=3", "--set", "train.lr=0.02",
-            "--set", "codes.epochs=1", "--set", "finetune.epochs=1",
-            "--set", "transform.calib_images=64", "--set", "transform.positions_per_image=8",
-            "--set", "transform.iters=3", "--set", "threads=1"]
+    args = [
+        "run",
+        "--set",
+        f"out_dir={tmp_path / 'runs'}",
+        "--set",
+        "name=tiny",
+        "--set",
+        f"data.root={tiny_fmnist}",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "data.eval_batch_size=64",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.lr=0.02",
+        "--set",
+        "codes.epochs=1",
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "transform.calib_images=64",
+        "--set",
+        "transform.positions_per_image=8",
+        "--set",
+        "transform.iters=3",
+        "--set",
+        "threads=1",
+    ]
     assert main(args) == 0
     run = tmp_path / "runs" / "tiny"
     rows = json.loads((run / "eval" / "results.json").read_text())["rows"]

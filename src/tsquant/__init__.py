@@ -13,7 +13,18 @@ from .transform import TransformConfig, transform
 __version__ = "0.1.0"
 
 __all__ = [
-    "LayerSolution", "QuantizedConv2d", "QuantizedLinear", "SolverConfig", "SparseQuantizer",
-    "SurgeryError", "TransformConfig", "WeightGrid", "analyse", "prepare_step1", "solve_layer",
-    "ternarize", "transform", "__version__",
+    "LayerSolution",
+    "QuantizedConv2d",
+    "QuantizedLinear",
+    "SolverConfig",
+    "SparseQuantizer",
+    "SurgeryError",
+    "TransformConfig",
+    "WeightGrid",
+    "analyse",
+    "prepare_step1",
+    "solve_layer",
+    "ternarize",
+    "transform",
+    "__version__",
 ]

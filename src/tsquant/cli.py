@@ -40,11 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_options_epilog(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", nargs="?", help="YAML config file (see configs/); defaults if omitted")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config option, e.g. --set codes.eps=0.5 (repeatable)")
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_options_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "config", nargs="?", help="YAML config file (see configs/); defaults if omitted"
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config option, e.g. --set codes.eps=0.5 (repeatable)",
+        )
         p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 

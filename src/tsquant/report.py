@@ -22,8 +22,11 @@ def activation_samples(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tor
     found, handles = {}, []
     for name, module in model.named_modules():
         if isinstance(module, SparseQuantizer):
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: found.__setitem__(name, args[0].detach().flatten())))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: found.__setitem__(name, args[0].detach().flatten())
+                )
+            )
     try:
         model.eval()(x)
     finally:
@@ -50,8 +53,10 @@ def plot_histograms(model, samples: dict[str, torch.Tensor], path: Path) -> None
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Pre-activations at the quantizers (orange: levels, red: eps, dotted: thresholds)",
-                 fontsize=9)
+    fig.suptitle(
+        "Pre-activations at the quantizers (orange: levels, red: eps, dotted: thresholds)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -62,8 +67,13 @@ def plot_solver_curves(layers: list[dict], path: Path) -> None:
     for row in layers:
         hist = [h for h in row["history"] if "agreement" in h]
         if hist:
-            ax.plot([h["iter"] for h in hist], [h["agreement"] for h in hist], marker=".",
-                    lw=1, label=f"{row['layer']} ({row['agreement']:.3f})")
+            ax.plot(
+                [h["iter"] for h in hist],
+                [h["agreement"] for h in hist],
+                marker=".",
+                lw=1,
+                label=f"{row['layer']} ({row['agreement']:.3f})",
+            )
     ax.set_xlabel("alternation")
     ax.set_ylabel("code agreement (true quantized output)")
     ax.set_title("Step 2 per layer (legend: final agreement after refinement)")
@@ -80,11 +90,15 @@ def write_report(ctx) -> Path:
     out = ctx.stage_dir("report")
     out.mkdir(parents=True, exist_ok=True)
     cfg = ctx.cfg
-    lines = [f"# tsquant report: {cfg.name}", "",
-             f"Model `{cfg.model.name}` on {ctx.dataset('test').title or cfg.data.dataset} "
-             f"({len(ctx.dataset('test'))} test images); activations {cfg.codes.bits}-bit with "
-             f"eps={cfg.codes.eps}, weights {cfg.transform.weight_bits} "
-             f"(step 2: {cfg.transform.mode}, variant {cfg.transform.variant}, lam {cfg.transform.lam}).", ""]
+    lines = [
+        f"# tsquant report: {cfg.name}",
+        "",
+        f"Model `{cfg.model.name}` on {ctx.dataset('test').title or cfg.data.dataset} "
+        f"({len(ctx.dataset('test'))} test images); activations {cfg.codes.bits}-bit with "
+        f"eps={cfg.codes.eps}, weights {cfg.transform.weight_bits} "
+        f"(step 2: {cfg.transform.mode}, variant {cfg.transform.variant}, lam {cfg.transform.lam}).",
+        "",
+    ]
     results = ctx.stage_dir("eval") / "results.json"
     if results.is_file():
         lines += ["## Accuracy", "", results_table(load_json(results)["rows"]), ""]
@@ -96,15 +110,22 @@ def write_report(ctx) -> Path:
     if ctx.done("transform"):
         meta = load_json(ctx.stage_dir("transform") / "meta.json")
         plot_solver_curves(meta["layers"], out / "solver.png")
-        lines += ["## Step 2 per layer", "", "![solver curves](solver.png)", "",
-                  "| layer | rows x inputs -> channels | agreement before | after | solve (s) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Step 2 per layer",
+            "",
+            "![solver curves](solver.png)",
+            "",
+            "| layer | rows x inputs -> channels | agreement before | after | solve (s) |",
+            "|---|---|---|---|---|",
+        ]
         for r in meta["layers"]:
             before = r["agreement_init"] if r["kind"] == "coded" else r["relative_error_init"]
             after = r["agreement"] if r["kind"] == "coded" else r["relative_error"]
             tag = "" if r["kind"] == "coded" else " (rel. error)"
-            lines.append(f"| {r['layer']}{tag} | {r['rows']} x {r['inputs']} -> {r['channels']} | "
-                         f"{before:.4f} | {after:.4f} | {r['solve_s']:.1f} |")
+            lines.append(
+                f"| {r['layer']}{tag} | {r['rows']} x {r['inputs']} -> {r['channels']} | "
+                f"{before:.4f} | {after:.4f} | {r['solve_s']:.1f} |"
+            )
         lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines))

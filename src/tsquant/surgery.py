@@ -26,12 +26,30 @@ WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 ACTIVATIONS = (nn.ReLU, SparseQuantizer)
 PASS_THROUGH = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
-    nn.Identity, nn.Dropout,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
 )
 SUPPORTED = WEIGHT_LAYERS + BATCH_NORMS + ACTIVATIONS + PASS_THROUGH
-UNSUPPORTED_FUNCTIONS = {"relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "relu6",
-                         "leaky_relu", "elu", "softplus", "hardswish", "mish"}
+UNSUPPORTED_FUNCTIONS = {
+    "relu",
+    "relu_",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "hardtanh",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "softplus",
+    "hardswish",
+    "mish",
+}
 ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -61,7 +79,9 @@ class Layer:
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
-            return isinstance(m, SUPPORTED + (QuantizedConv2d, QuantizedLinear)) or super().is_leaf_module(m, qualname)
+            return isinstance(
+                m, SUPPORTED + (QuantizedConv2d, QuantizedLinear)
+            ) or super().is_leaf_module(m, qualname)
 
     try:
         graph = Tracer().trace(model)
@@ -97,7 +117,9 @@ def analyse(model: nn.Module) -> list[Layer]:
     problems = []
     for node in nodes:
         module = _module_of(gm, node)
-        if module is not None and not isinstance(module, SUPPORTED + (QuantizedConv2d, QuantizedLinear)):
+        if module is not None and not isinstance(
+            module, SUPPORTED + (QuantizedConv2d, QuantizedLinear)
+        ):
             problems.append(f"{node.target} ({type(module).__name__})")
         if node.op in ("call_function", "call_method"):
             fname = getattr(node.target, "__name__", str(node.target))
@@ -106,18 +128,27 @@ def analyse(model: nn.Module) -> list[Layer]:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             problems.append(f"{node.target} (grouped Conv2d, groups={module.groups})")
     if problems:
-        raise SurgeryError("unsupported modules: " + ", ".join(problems) +
-                           " — tsquant handles Conv2d/Linear/BatchNorm/ReLU/pooling/residual adds")
+        raise SurgeryError(
+            "unsupported modules: "
+            + ", ".join(problems)
+            + " — tsquant handles Conv2d/Linear/BatchNorm/ReLU/pooling/residual adds"
+        )
 
     calls: dict[str, int] = {}
     for node in nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    reused = [f"{n} ({k} call sites)" for n, k in calls.items()
-              if k > 1 and isinstance(gm.get_submodule(n), ACTIVATIONS + WEIGHT_LAYERS + BATCH_NORMS)]
+    reused = [
+        f"{n} ({k} call sites)"
+        for n, k in calls.items()
+        if k > 1 and isinstance(gm.get_submodule(n), ACTIVATIONS + WEIGHT_LAYERS + BATCH_NORMS)
+    ]
     if reused:
-        raise SurgeryError("modules used more than once: " + ", ".join(reused) +
-                           " — give every call site its own module instance")
+        raise SurgeryError(
+            "modules used more than once: "
+            + ", ".join(reused)
+            + " — give every call site its own module instance"
+        )
 
     weight_nodes = [n for n in nodes if _is(gm, n, WEIGHT_LAYERS)]
     if not weight_nodes:
@@ -298,9 +329,6 @@ def check_weights_on_grid(model: nn.Module) -> bool:
     return True
 
 
-
-
-
 def quantized_skeleton(step1_model: nn.Module, layer_names: list[str], grid) -> nn.Module:
     """The structure of a transformed model (for loading its checkpoint): the named layers
     become quantized layers and their BNs Identity, exactly as :func:`write_back` leaves them."""
@@ -308,8 +336,10 @@ def quantized_skeleton(step1_model: nn.Module, layer_names: list[str], grid) -> 
     by_name = {layer.name: layer for layer in analyse(model)}
     unknown = [n for n in layer_names if n not in by_name]
     if unknown:
-        raise SurgeryError(f"layers {unknown} are not weight layers of this model: "
-                           "the checkpoint comes from a different architecture")
+        raise SurgeryError(
+            f"layers {unknown} are not weight layers of this model: "
+            "the checkpoint comes from a different architecture"
+        )
     for name in layer_names:
         module = model.get_submodule(name)
         c = module.weight.shape[0]
@@ -318,5 +348,15 @@ def quantized_skeleton(step1_model: nn.Module, layer_names: list[str], grid) -> 
     return model
 
 
-__all__ = ["Layer", "SurgeryError", "analyse", "prepare_step1", "write_back", "quantizable_layers",
-           "bn_affine", "sparse_quantizers", "check_weights_on_grid", "quantized_skeleton"]
+__all__ = [
+    "Layer",
+    "SurgeryError",
+    "analyse",
+    "prepare_step1",
+    "write_back",
+    "quantizable_layers",
+    "bn_affine",
+    "sparse_quantizers",
+    "check_weights_on_grid",
+    "quantized_skeleton",
+]

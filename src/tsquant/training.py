@@ -44,8 +44,15 @@ def learning_rate(step: int, total: int, peak: float, schedule: str, warmup: flo
 
 
 def _progress(iterable, total, desc):
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30, disable=None)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+        disable=None,
+    )
 
 
 @torch.no_grad()
@@ -67,7 +74,10 @@ def _param_groups(model: nn.Module, weight_decay: float):
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def train(
@@ -82,8 +92,12 @@ def train(
     """Train in place; resume from ``work_dir/resume.*`` when present. Returns per-epoch logs."""
     work_dir = Path(work_dir)
     model.to(device)
-    optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    optimizer = torch.optim.SGD(
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+    )
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     epoch, batch, logs = 0, 0, []
@@ -101,8 +115,9 @@ def train(
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors |= opt_tensors | rng_to_tensors()
         save_tensors(resume_t, tensors)
-        save_json(resume_j, {"epoch": epoch_now, "batch": batch_now, "logs": logs,
-                             "optimizer": opt_meta})
+        save_json(
+            resume_j, {"epoch": epoch_now, "batch": batch_now, "logs": logs, "optimizer": opt_meta}
+        )
 
     last_save = time.monotonic()
     while epoch < cfg.epochs:
@@ -110,8 +125,11 @@ def train(
         train_loader.set_epoch(epoch)
         seen = correct = 0
         loss_sum = 0.0
-        bar = _progress(train_loader.iter_from(batch), steps_per_epoch - batch,
-                        f"{desc} {epoch + 1}/{cfg.epochs}")
+        bar = _progress(
+            train_loader.iter_from(batch),
+            steps_per_epoch - batch,
+            f"{desc} {epoch + 1}/{cfg.epochs}",
+        )
         for x, y in bar:
             step = epoch * steps_per_epoch + batch
             lr = learning_rate(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)
@@ -131,19 +149,30 @@ def train(
             seen += y.numel()
             correct += int((out.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * y.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}"
+            )
             if time.monotonic() - last_save > cfg.checkpoint_seconds and batch < steps_per_epoch:
                 checkpoint(epoch, batch)
                 last_save = time.monotonic()
         bar.close()
-        log = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-               "train_acc": 100 * correct / max(seen, 1)}
+        log = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100 * correct / max(seen, 1),
+        }
         if test_loader is not None:
             log["test_top1"] = evaluate(model, test_loader, device, f"{desc} eval")
         logs.append(log)
-        print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} " +
-              " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in log.items() if k != "epoch"), flush=True)
+        print(
+            f"[{desc}] epoch {epoch + 1}/{cfg.epochs} "
+            + " ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in log.items()
+                if k != "epoch"
+            ),
+            flush=True,
+        )
         epoch, batch = epoch + 1, 0
         checkpoint(epoch, batch)
         last_save = time.monotonic()

@@ -48,10 +48,19 @@ class TransformConfig:
             if getattr(self, name) not in ("fp", "quantize"):
                 raise ValueError(f"{name} must be 'fp' or 'quantize', got {getattr(self, name)!r}")
         if not isinstance(self.positions_per_image, int) or self.positions_per_image < 1:
-            raise ValueError(f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}")
+            raise ValueError(
+                f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}"
+            )
         WeightGrid.from_spec(self.weight_bits)
-        self.solver = SolverConfig(**{**asdict(self.solver), "weight_bits": self.weight_bits,
-                                      "lam": self.lam, "iters": self.iters, "variant": self.variant})
+        self.solver = SolverConfig(
+            **{
+                **asdict(self.solver),
+                "weight_bits": self.weight_bits,
+                "lam": self.lam,
+                "iters": self.iters,
+                "variant": self.variant,
+            }
+        )
 
 
 class _Stop(Exception):
@@ -81,6 +90,7 @@ class _Capture:
             if self.active:
                 self.got[key] = args[0].detach()
                 self._done()
+
         return hook
 
     def _post(self, key):
@@ -88,6 +98,7 @@ class _Capture:
             if self.active:
                 self.got[key] = output.detach()
                 self._done()
+
         return hook
 
     def run(self, x) -> dict[str, torch.Tensor]:
@@ -121,15 +132,22 @@ def _rows_from_map(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
 
 
-def _patch_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def _patch_rows(
+    conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, chunk: int = 8
+) -> torch.Tensor:
     """im2col rows of the conv input at output positions pos: (N * P, C_in * kh * kw)."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, use zeros")
     rows = []
     for s in range(0, x.shape[0], chunk):
-        cols = F.unfold(x[s:s + chunk], conv.kernel_size, dilation=conv.dilation,
-                        padding=conv.padding, stride=conv.stride)  # N, n, L
-        p = pos[s:s + chunk]
+        cols = F.unfold(
+            x[s : s + chunk],
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=conv.padding,
+            stride=conv.stride,
+        )  # N, n, L
+        p = pos[s : s + chunk]
         picked = cols.gather(2, p[:, None, :].expand(-1, cols.shape[1], -1))
         rows.append(picked.permute(0, 2, 1).reshape(-1, cols.shape[1]))
     return torch.cat(rows)
@@ -146,7 +164,9 @@ def _batches(loader: Iterable, max_images: int | None, device):
         seen += x.shape[0]
         yield x.to(device)
     if seen == 0:
-        raise ValueError("the calibration loader yielded no images: give step 2 some training images")
+        raise ValueError(
+            "the calibration loader yielded no images: give step 2 some training images"
+        )
 
 
 def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen, target_kind):
@@ -154,8 +174,11 @@ def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen
     src_wanted = {"x": (layer.name, "input")}
     if layer.residual:
         src_wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
-    tgt_name, tgt_where = {"codes": (layer.activation, "output"), "pre": (layer.bn, "output"),
-                           "out": (layer.name, "output")}[target_kind]
+    tgt_name, tgt_where = {
+        "codes": (layer.activation, "output"),
+        "pre": (layer.bn, "output"),
+        "out": (layer.name, "output"),
+    }[target_kind]
     src_cap = _Capture(source, src_wanted)
     tgt_cap = _Capture(step1, {"y": (tgt_name, tgt_where)})
     module = source.get_submodule(layer.name)
@@ -213,25 +236,41 @@ def transform(
         init = weight.reshape(weight.shape[0], -1) * scale[:, None]
         capture_s = time.perf_counter() - start
         if coded:
-            sol = solve_layer(X, Y, activation, init=init, bias=shift, offset=offset,
-                              config=cfg.solver)
+            sol = solve_layer(
+                X, Y, activation, init=init, bias=shift, offset=offset, config=cfg.solver
+            )
         else:
             sol = solve_linear_layer(X, Y, init=init, bias=shift, config=cfg.solver)
         write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
-        row = {"layer": layer.name, "kind": "coded" if coded else target_kind, "rows": X.shape[0],
-               "inputs": X.shape[1], "channels": Y.shape[1], "capture_s": capture_s,
-               "solve_s": sol.seconds, "agreement_init": sol.agreement_init,
-               "agreement": sol.agreement, "relative_error_init": sol.relative_error_init,
-               "relative_error": sol.relative_error, "history": sol.history}
+        row = {
+            "layer": layer.name,
+            "kind": "coded" if coded else target_kind,
+            "rows": X.shape[0],
+            "inputs": X.shape[1],
+            "channels": Y.shape[1],
+            "capture_s": capture_s,
+            "solve_s": sol.seconds,
+            "agreement_init": sol.agreement_init,
+            "agreement": sol.agreement,
+            "relative_error_init": sol.relative_error_init,
+            "relative_error": sol.relative_error,
+            "history": sol.history,
+        }
         if report is not None:
             report.append(row)
         if cfg.verbose:
-            before, after = ((sol.agreement_init, sol.agreement) if coded
-                             else (sol.relative_error_init, sol.relative_error))
+            before, after = (
+                (sol.agreement_init, sol.agreement)
+                if coded
+                else (sol.relative_error_init, sol.relative_error)
+            )
             metric = "agree" if coded else "rel.err"
-            print(f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.shape[0]}x{X.shape[1]}->{Y.shape[1]} "
-                  f"{metric} {before:.4f} -> {after:.4f}  "
-                  f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s", flush=True)
+            print(
+                f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.shape[0]}x{X.shape[1]}->{Y.shape[1]} "
+                f"{metric} {before:.4f} -> {after:.4f}  "
+                f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s",
+                flush=True,
+            )
         del X, Y, offset
     if cfg.verbose:
         print(f"[step2] {len(todo)} layers in {time.perf_counter() - total:.1f}s", flush=True)

@@ -9,7 +9,6 @@ from tsquant.pipeline.checkpoints import (
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
-    save_json,
     save_tensors,
 )
 

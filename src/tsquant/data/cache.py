@@ -69,7 +69,9 @@ def fingerprint(path: str | os.PathLike[str]) -> list[Any]:
     """
     p = Path(path).resolve()
     if not p.exists():
-        raise DataError(f"{p} does not exist: check the path or set data.root (--set data.root=DIR)")
+        raise DataError(
+            f"{p} does not exist: check the path or set data.root (--set data.root=DIR)"
+        )
     if p.is_file():
         return [str(p), *_stat_entry(p)]
     with os.scandir(p) as it:
@@ -231,7 +233,9 @@ def extract_tarball(tarball: str | os.PathLike[str], *, progress: bool = True) -
     """
     src = Path(tarball).resolve()
     if not src.is_file():
-        raise DataError(f"tarball {src} not found: check the path or set data.root (--set data.root=DIR)")
+        raise DataError(
+            f"tarball {src} not found: check the path or set data.root (--set data.root=DIR)"
+        )
     key = hashlib.sha256(json.dumps(fingerprint(src)).encode()).hexdigest()[:12]
     root = cache_dir() / "extracted"
     final = root / f"{_tar_stem(src)}-{key}"
@@ -240,9 +244,12 @@ def extract_tarball(tarball: str | os.PathLike[str], *, progress: bool = True) -
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_tar_stem(src)}-", dir=root))
     try:
-        with tarfile.open(src, "r|*") as tar, tqdm(
-            desc=f"extract {src.name}", unit=" files", disable=not progress, leave=False
-        ) as bar:
+        with (
+            tarfile.open(src, "r|*") as tar,
+            tqdm(
+                desc=f"extract {src.name}", unit=" files", disable=not progress, leave=False
+            ) as bar,
+        ):
             for member in tar:
                 rel = _checked_member_path(member, src)
                 if rel is None:

@@ -20,8 +20,16 @@ from .download import download_url
 from .errors import DataError
 
 CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 CIFAR10_BIN_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BIN_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -64,8 +72,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): codecs.encode,  # protocol-2 pickles of bytes written by py3
     }
-    for sub, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
-                      ("numeric", "_frombuffer")):
+    for sub, name in (
+        ("multiarray", "_reconstruct"),
+        ("multiarray", "scalar"),
+        ("numeric", "_frombuffer"),
+    ):
         obj = _numpy_global(sub, name)
         for pkg in ("numpy.core", "numpy._core"):
             table[(f"{pkg}.{sub}", name)] = obj

@@ -106,8 +106,9 @@ class ArrayDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def gather(self, indices: torch.Tensor | np.ndarray | Sequence[int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(
+        self, indices: torch.Tensor | np.ndarray | Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 NHWC images, int64 labels) at `indices` as torch tensors (copies)."""
         ix_t = torch.as_tensor(indices, dtype=torch.long)
         ix_np = ix_t.numpy()
@@ -229,7 +230,8 @@ class BatchLoader:
         # Spatial train-time transforms (applied to uint8 NHWC before normalisation).
         self._custom_transforms = None if transforms is None else list(transforms)
         self.transforms: list[BatchTransform] = (
-            list(transforms) if transforms is not None
+            list(transforms)
+            if transforms is not None
             else augmentation(self.policy, (h, w), self.padding)
         )
         self.epoch = 0
@@ -276,8 +278,10 @@ class BatchLoader:
                 "check the resumed batch index against len(loader)"
             )
         order, epoch, bs = self.indices(), self.epoch, self.batch_size
-        return (self._batch(order[b * bs : (b + 1) * bs], epoch, b)
-                for b in range(batch_index, len(self)))
+        return (
+            self._batch(order[b * bs : (b + 1) * bs], epoch, b)
+            for b in range(batch_index, len(self))
+        )
 
     def _batch(self, ix: torch.Tensor, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.dataset.gather(ix)
@@ -290,10 +294,19 @@ class BatchLoader:
     def subset(self, n: int, seed: int = 0, **overrides: Any) -> BatchLoader:
         """Loader over `dataset.subset(n, seed)` with the same settings (override any kwarg)."""
         kwargs: dict[str, Any] = dict(
-            batch_size=self.batch_size, shuffle=self.shuffle, augment=self.augment,
-            seed=self.seed, drop_last=self.drop_last, channels_last=self.channels_last,
-            rank=self.rank, world_size=self.world_size, mean=self.mean, std=self.std,
-            policy=self.policy, padding=self.padding, transforms=self._custom_transforms,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            augment=self.augment,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            channels_last=self.channels_last,
+            rank=self.rank,
+            world_size=self.world_size,
+            mean=self.mean,
+            std=self.std,
+            policy=self.policy,
+            padding=self.padding,
+            transforms=self._custom_transforms,
         )
         kwargs.update(overrides)
         return BatchLoader(self.dataset.subset(n, seed), **kwargs)
@@ -328,23 +341,42 @@ class DatasetInfo:
     splits: tuple[str, ...]
 
 
-def _info(name: str, c: int, k: int | None, size: int | None, mean: tuple[float, ...],
-          std: tuple[float, ...], augment: str, splits: tuple[str, ...]) -> DatasetInfo:
+def _info(
+    name: str,
+    c: int,
+    k: int | None,
+    size: int | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: str,
+    splits: tuple[str, ...],
+) -> DatasetInfo:
     pad = default_padding(augment, size or 32)
     return DatasetInfo(name, c, k, size, mean, std, augment, pad, splits)
 
 
 _INFO: dict[str, DatasetInfo] = {
-    "fashion_mnist": _info("fashion_mnist", 1, 10, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-                           "crop", ("train", "test")),
+    "fashion_mnist": _info(
+        "fashion_mnist", 1, 10, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, "crop", ("train", "test")
+    ),
     "mnist": _info("mnist", 1, 10, 28, MNIST_MEAN, MNIST_STD, "crop", ("train", "test")),
-    "cifar10": _info("cifar10", 3, 10, 32, CIFAR10_MEAN, CIFAR10_STD, "crop_flip",
-                     ("train", "test")),
-    "imagefolder": _info("imagefolder", 3, None, None, IMAGENET_MEAN, IMAGENET_STD, "crop_flip",
-                         ("train", "val", "test")),
+    "cifar10": _info(
+        "cifar10", 3, 10, 32, CIFAR10_MEAN, CIFAR10_STD, "crop_flip", ("train", "test")
+    ),
+    "imagefolder": _info(
+        "imagefolder",
+        3,
+        None,
+        None,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "crop_flip",
+        ("train", "val", "test"),
+    ),
     # Imagenette is stored at 224 px; 64 px keeps CPU training practical (pass image_size).
-    "imagenette": _info("imagenette", 3, 10, 64, IMAGENET_MEAN, IMAGENET_STD, "crop_flip",
-                        ("train", "val", "test")),
+    "imagenette": _info(
+        "imagenette", 3, 10, 64, IMAGENET_MEAN, IMAGENET_STD, "crop_flip", ("train", "val", "test")
+    ),
 }
 assert tuple(_INFO) == DATASETS
 
@@ -374,8 +406,11 @@ def dataset_info(name: str) -> DatasetInfo:
 def shared_data_dirs() -> list[Path]:
     """Candidate `../shared/data` dirs: relative to the cwd and to the package's repo root."""
     repo = Path(__file__).resolve().parents[3]  # src/tsquant/data/datasets.py -> repo root
-    cands = [Path.cwd() / ".." / "shared" / "data", Path.cwd() / "shared" / "data",
-             repo / ".." / "shared" / "data"]
+    cands = [
+        Path.cwd() / ".." / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+        repo / ".." / "shared" / "data",
+    ]
     if env := os.environ.get("TSQUANT_DATA"):
         cands.insert(0, Path(env))
     out: list[Path] = []
@@ -399,8 +434,14 @@ def _resolve_size(name: str, image_size: int | None, native: int | None) -> None
         )
 
 
-def _load_idx(name: str, split: str, root: str | os.PathLike[str] | None, download: bool,
-              image_size: int | None, use_cache: bool) -> ArrayDataset:
+def _load_idx(
+    name: str,
+    split: str,
+    root: str | os.PathLike[str] | None,
+    download: bool,
+    image_size: int | None,
+    use_cache: bool,
+) -> ArrayDataset:
     _resolve_size(name, image_size, 28)
     spec = idx.IDX_DATASETS[name]
     files = idx.locate_idx_split(root, split, dataset=name, download=download)
@@ -409,15 +450,24 @@ def _load_idx(name: str, split: str, root: str | os.PathLike[str] | None, downlo
         images, labels = idx.read_idx_pair(files[0], files[1], len(spec.classes))
         return images, labels, list(spec.classes)
 
-    images, labels, classes = cached_arrays(name, split, list(files), build,
-                                            params={"loader": "idx"}, use_cache=use_cache)
-    return ArrayDataset(images, labels, classes, name=name, source=str(files[0].parent),
-                        title=spec.title)
+    images, labels, classes = cached_arrays(
+        name, split, list(files), build, params={"loader": "idx"}, use_cache=use_cache
+    )
+    return ArrayDataset(
+        images, labels, classes, name=name, source=str(files[0].parent), title=spec.title
+    )
 
 
-def _load_imagefolder(name: str, split: str, root: str | os.PathLike[str], size: int | None,
-                      use_cache: bool, title: str, progress: bool,
-                      workers: int | None) -> ArrayDataset:
+def _load_imagefolder(
+    name: str,
+    split: str,
+    root: str | os.PathLike[str],
+    size: int | None,
+    use_cache: bool,
+    title: str,
+    progress: bool,
+    workers: int | None,
+) -> ArrayDataset:
     root = Path(root).expanduser().resolve()
     if is_tarball(root):
         source = root  # key on the tarball itself: a cache hit needs no extraction
@@ -426,11 +476,13 @@ def _load_imagefolder(name: str, split: str, root: str | os.PathLike[str], size:
     params = {"loader": "imagefolder", "resize": size, "size": size}
 
     def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
-        return imagefolder.load_imagefolder(root, split, resize=size, size=size,
-                                            workers=workers, progress=progress)
+        return imagefolder.load_imagefolder(
+            root, split, resize=size, size=size, workers=workers, progress=progress
+        )
 
-    images, labels, classes = cached_arrays(name, split, [source], build, params=params,
-                                            use_cache=use_cache)
+    images, labels, classes = cached_arrays(
+        name, split, [source], build, params=params, use_cache=use_cache
+    )
     return ArrayDataset(images, labels, classes, name=name, source=str(root), title=title)
 
 
@@ -476,20 +528,36 @@ def load_dataset(
                     f"Imagenette not found ({SHARED_IMAGENETTE} not in ../shared/data): "
                     "set data.root to a directory or tarball with train/ and val/ class folders"
                 )
-        return _load_imagefolder(key, "val" if split == "test" else split, root,
-                                 image_size or info.image_size, cache, "Imagenette",
-                                 progress, workers)
+        return _load_imagefolder(
+            key,
+            "val" if split == "test" else split,
+            root,
+            image_size or info.image_size,
+            cache,
+            "Imagenette",
+            progress,
+            workers,
+        )
 
     # generic imagefolder
     if root is None:
-        raise DataError("dataset 'imagefolder' needs a root: set data.root to a directory or .tar.gz")
-    return _load_imagefolder(key, split, root, image_size, cache, Path(root).name, progress,
-                             workers)
+        raise DataError(
+            "dataset 'imagefolder' needs a root: set data.root to a directory or .tar.gz"
+        )
+    return _load_imagefolder(
+        key, split, root, image_size, cache, Path(root).name, progress, workers
+    )
 
 
-def _load_cifar10(root: str | os.PathLike[str] | None, split: str, image_size: int | None,
-                  download: bool, use_cache: bool, progress: bool,
-                  workers: int | None) -> ArrayDataset:
+def _load_cifar10(
+    root: str | os.PathLike[str] | None,
+    split: str,
+    image_size: int | None,
+    download: bool,
+    use_cache: bool,
+    progress: bool,
+    workers: int | None,
+) -> ArrayDataset:
     """Official binary/python copy under root (or the cache), else an ImageFolder copy
     (root, or ../shared/data/cifar10-jpeg.tar.gz), else the official download."""
     official = cifar.find_cifar10(root, progress=progress)
@@ -508,17 +576,31 @@ def _load_cifar10(root: str | os.PathLike[str] | None, split: str, image_size: i
         elif _looks_like_imagefolder(root, split):
             folder = root
         if folder is not None:
-            return _load_imagefolder("cifar10", split, folder, image_size or 32, use_cache,
-                                     _cifar_title(folder), progress, workers)
+            return _load_imagefolder(
+                "cifar10",
+                split,
+                folder,
+                image_size or 32,
+                use_cache,
+                _cifar_title(folder),
+                progress,
+                workers,
+            )
         official = cifar.locate_cifar10(root, download=download, progress=progress)
     _resolve_size("cifar10", image_size, 32)
     fmt, batch_dir = official
     files = cifar.cifar10_split_files(fmt, batch_dir, split)
     images, labels, classes = cached_arrays(
-        "cifar10", split, files, lambda: cifar.read_cifar10_split(fmt, batch_dir, split),
-        params={"loader": f"cifar-{fmt}"}, use_cache=use_cache)
-    return ArrayDataset(images, labels, classes, name="cifar10", source=str(batch_dir),
-                        title="CIFAR-10")
+        "cifar10",
+        split,
+        files,
+        lambda: cifar.read_cifar10_split(fmt, batch_dir, split),
+        params={"loader": f"cifar-{fmt}"},
+        use_cache=use_cache,
+    )
+    return ArrayDataset(
+        images, labels, classes, name="cifar10", source=str(batch_dir), title="CIFAR-10"
+    )
 
 
 def _looks_like_imagefolder(root: str | os.PathLike[str], split: str) -> bool:

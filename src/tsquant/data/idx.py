@@ -67,7 +67,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         if raw[:2] == _GZIP_MAGIC:
             raw = gzip.decompress(raw)
     except FileNotFoundError as exc:
-        raise DataError(f"IDX file {path} not found: check the path or set data.root (--set data.root=DIR)") from exc
+        raise DataError(
+            f"IDX file {path} not found: check the path or set data.root (--set data.root=DIR)"
+        ) from exc
     except (EOFError, OSError, zlib.error) as exc:  # truncated / corrupt gzip stream
         raise DataError(
             f"cannot decompress {path} ({type(exc).__name__}: {exc}): the file is truncated "
@@ -100,8 +102,16 @@ IDX_DATASETS: dict[str, IdxSpec] = {
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
         classes=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
         ),
         default_root="/usr/share/datasets/fashion-mnist",
         install_hint="run `apt-get install -y dataset-fashion-mnist` or set data.root (--set data.root=DIR)",
@@ -175,8 +185,13 @@ def download_idx_split(split: str, dataset: str, timeout: float = 15.0) -> tuple
     for kind, ndim in (("images", 3), ("labels", 1)):
         name = f"{prefix}-{kind}-idx{ndim}-ubyte.gz"
         if not (dest / name).is_file():
-            download_url(spec.url_base + name, dest / name, md5=spec.md5.get(name),
-                         timeout=timeout, hint=spec.install_hint)
+            download_url(
+                spec.url_base + name,
+                dest / name,
+                md5=spec.md5.get(name),
+                timeout=timeout,
+                hint=spec.install_hint,
+            )
         out.append(dest / name)
     return out[0], out[1]
 

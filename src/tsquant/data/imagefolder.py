@@ -19,7 +19,16 @@ from .cache import extract_tarball, is_tarball
 from .errors import DataError
 
 IMG_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".ppm",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
 )
 # A missing split may go by another common name (e.g. Imagenette has train/val, no test).
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
@@ -34,7 +43,9 @@ def resolve_root(root: str | os.PathLike[str], *, progress: bool = True) -> Path
     """Directory of an ImageFolder: `root` itself, or its extraction if it is a tarball."""
     r = Path(root).expanduser()
     if not r.exists():
-        raise DataError(f"image folder {r} not found: check the path or set data.root (--set data.root=DIR)")
+        raise DataError(
+            f"image folder {r} not found: check the path or set data.root (--set data.root=DIR)"
+        )
     if r.is_file():
         if not is_tarball(r):
             raise DataError(f"{r} is a file but not a tarball: pass a directory or a .tar.gz")
@@ -70,8 +81,10 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
     for idx, cls in enumerate(classes):
         with os.scandir(split_dir / cls) as it:
             files = sorted(
-                e.name for e in it
-                if e.is_file() and not e.name.startswith(".")
+                e.name
+                for e in it
+                if e.is_file()
+                and not e.name.startswith(".")
                 and e.name.lower().endswith(IMG_EXTENSIONS)
             )
         paths += [split_dir / cls / f for f in files]
@@ -84,8 +97,9 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
-def decode_image(path: str | os.PathLike[str], resize: int | None = None,
-                 size: int | None = None) -> np.ndarray:
+def decode_image(
+    path: str | os.PathLike[str], resize: int | None = None, size: int | None = None
+) -> np.ndarray:
     """Decode to RGB uint8 HWC; shorter side -> `resize`, then center crop `size` x `size`."""
     if size is not None and resize is None:
         resize = size
@@ -98,8 +112,11 @@ def decode_image(path: str | os.PathLike[str], resize: int | None = None,
                 w, h = im.size
                 if min(w, h) != resize:
                     scale = resize / min(w, h)
-                    nw, nh = (resize, max(1, round(h * scale))) if w <= h else (
-                        max(1, round(w * scale)), resize)
+                    nw, nh = (
+                        (resize, max(1, round(h * scale)))
+                        if w <= h
+                        else (max(1, round(w * scale)), resize)
+                    )
                     im = im.resize((nw, nh), _BILINEAR)
             if size is not None:
                 w, h = im.size
@@ -180,6 +197,12 @@ def load_imagefolder(
     """Load one split: (uint8 (N, H, W, 3), int64 (N,), sorted class names). Uncached."""
     split_dir = find_split_dir(resolve_root(root, progress=progress), split)
     paths, labels, classes = list_images(split_dir)
-    images = decode_images(paths, resize=resize, size=size, workers=workers, progress=progress,
-                           desc=f"decode {split_dir.parent.name}/{split_dir.name}")
+    images = decode_images(
+        paths,
+        resize=resize,
+        size=size,
+        workers=workers,
+        progress=progress,
+        desc=f"decode {split_dir.parent.name}/{split_dir.name}",
+    )
     return images, np.asarray(labels, dtype=np.int64), classes

@@ -155,8 +155,9 @@ class CenterCrop:
 class Normalize:
     """uint8 NHWC -> normalised float32 NCHW (the last step of a pipeline)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float],
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
+    ) -> None:
         self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -186,8 +187,9 @@ def default_padding(policy: str, image_size: int) -> int:
     return max(1, image_size // 8) if policy == "crop_flip" else max(1, image_size // 14)
 
 
-def augmentation(policy: str, image_size: int | tuple[int, int],
-                 padding: int | None = None) -> list[BatchTransform]:
+def augmentation(
+    policy: str, image_size: int | tuple[int, int], padding: int | None = None
+) -> list[BatchTransform]:
     """Spatial train-time transforms for an augmentation policy."""
     if policy not in AUGMENT_POLICIES:
         raise DataError(f"unknown augmentation policy {policy!r}: use one of {AUGMENT_POLICIES}")

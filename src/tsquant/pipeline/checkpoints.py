@@ -64,7 +64,9 @@ def load_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"metadata {path} is unreadable ({exc}): delete the stage folder and re-run it") from None
+        raise CheckpointError(
+            f"metadata {path} is unreadable ({exc}): delete the stage folder and re-run it"
+        ) from None
 
 
 def sha256_of(path: Path) -> str:

@@ -23,14 +23,20 @@ class ConfigError(ValueError):
 
 def opt(default, help: str, **kwargs):
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+        )
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("fashion_mnist", "dataset name: fashion_mnist, mnist, cifar10, imagefolder, imagenette")
-    root: str | None = opt(None, "dataset directory or tarball (default: the dataset's standard place)")
+    dataset: str = opt(
+        "fashion_mnist", "dataset name: fashion_mnist, mnist, cifar10, imagefolder, imagenette"
+    )
+    root: str | None = opt(
+        None, "dataset directory or tarball (default: the dataset's standard place)"
+    )
     image_size: int | None = opt(None, "input size for ImageFolder data (default: the dataset's)")
     batch_size: int = opt(128, "training batch size")
     eval_batch_size: int = opt(500, "evaluation batch size")
@@ -41,7 +47,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("small_cnn", "architecture: small_cnn, resnet20/32/56, vgg_small, alexnet_bn, resnet18")
+    name: str = opt(
+        "small_cnn", "architecture: small_cnn, resnet20/32/56, vgg_small, alexnet_bn, resnet18"
+    )
 
 
 @dataclass
@@ -63,14 +71,20 @@ class CodesConfig(TrainConfig):
 
     bits: int = opt(2, "activation bits")
     eps: float = opt(0.32, "sparsity threshold eps (fraction of zeros = Phi(eps))")
-    keep_head_input_fp: bool = opt(True, "keep a FP ReLU on the last layer's input (released AlexNet)")
+    keep_head_input_fp: bool = opt(
+        True, "keep a FP ReLU on the last layer's input (released AlexNet)"
+    )
 
 
 @dataclass
 class TransformStageConfig:
     weight_bits: str = opt("ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k")
-    mode: str = opt("sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)")
-    variant: str = opt("tsquant", "solver: tsquant (margin, bias, hinge alpha fit, refinement) or paper")
+    mode: str = opt(
+        "sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)"
+    )
+    variant: str = opt(
+        "tsquant", "solver: tsquant (margin, bias, hinge alpha fit, refinement) or paper"
+    )
     lam: float = opt(3.0, "lambda of the relaxed objective")
     iters: int = opt(20, "alternations per layer")
     calib_images: int = opt(2000, "calibration images (drawn from the training set)")
@@ -93,7 +107,9 @@ class RunConfig:
     seed: int = opt(0, "random seed")
     device: str = opt("cpu", "cpu or cuda")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
-    init_checkpoint: str | None = opt(None, "FP checkpoint (safetensors) to start from instead of training")
+    init_checkpoint: str | None = opt(
+        None, "FP checkpoint (safetensors) to start from instead of training"
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data options"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model options"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "FP training"})
@@ -101,8 +117,9 @@ class RunConfig:
         default_factory=lambda: CodesConfig(epochs=3, lr=0.01),
         metadata={"help": "step 1 training"},
     )
-    transform: TransformStageConfig = field(default_factory=TransformStageConfig,
-                                            metadata={"help": "step 2"})
+    transform: TransformStageConfig = field(
+        default_factory=TransformStageConfig, metadata={"help": "step 2"}
+    )
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "fine-tune"})
 
     @property
@@ -149,7 +166,11 @@ def _coerce(value, annotation, where: str):
     for t in allowed:
         if t is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+        if (
+            t is not type(None)
+            and isinstance(value, t)
+            and not (t is int and isinstance(value, bool))
+        ):
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{where} must be {names}, got {value!r}")
@@ -205,8 +226,13 @@ def validate(config, prefix: str = "") -> None:
         "last_layer": lambda v: v in ("fp", "quantize"),
         "device": lambda v: v == "cpu" or v.startswith("cuda"),
     }
-    hints = {"bits": "use 1..8", "eps": "use eps >= 0, e.g. 0.32", "lam": "use lam > 0, e.g. 3.0",
-             "mode": "use sequential or parallel", "variant": "use tsquant or paper"}
+    hints = {
+        "bits": "use 1..8",
+        "eps": "use eps >= 0, e.g. 0.32",
+        "lam": "use lam > 0, e.g. 3.0",
+        "mode": "use sequential or parallel",
+        "variant": "use tsquant or paper",
+    }
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name in checks and value is not None and not checks[f.name](value):
@@ -233,11 +259,15 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found: give the path of a YAML file (see configs/)")
+            raise ConfigError(
+                f"config file {path} not found: give the path of a YAML file (see configs/)"
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
+            ) from None
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -256,8 +286,10 @@ def option_table(config: RunConfig | None = None) -> list[tuple[str, object, str
     for f in fields(config):
         value = getattr(config, f.name)
         if is_dataclass(value):
-            rows += [(f"{f.name}.{g.name}", getattr(value, g.name), g.metadata.get("help", ""))
-                     for g in fields(value)]
+            rows += [
+                (f"{f.name}.{g.name}", getattr(value, g.name), g.metadata.get("help", ""))
+                for g in fields(value)
+            ]
         else:
             rows.append((f.name, value, f.metadata.get("help", "")))
     return rows

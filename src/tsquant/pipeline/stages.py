@@ -46,7 +46,9 @@ class Context:
     def dataset(self, split: str):
         if split not in self._data:
             d = self.cfg.data
-            ds = load_dataset(d.dataset, split, root=d.root, image_size=d.image_size, download=d.download)
+            ds = load_dataset(
+                d.dataset, split, root=d.root, image_size=d.image_size, download=d.download
+            )
             limit = d.train_subset if split == "train" else d.test_subset
             if limit is not None and limit < len(ds):
                 ds = ds.subset(limit, seed=self.cfg.seed)
@@ -54,8 +56,14 @@ class Context:
         return self._data[split]
 
     def train_loader(self, cfg_train) -> BatchLoader:
-        return BatchLoader(self.dataset("train"), self.cfg.data.batch_size, shuffle=True,
-                           augment=cfg_train.augment, seed=self.cfg.seed, drop_last=True)
+        return BatchLoader(
+            self.dataset("train"),
+            self.cfg.data.batch_size,
+            shuffle=True,
+            augment=cfg_train.augment,
+            seed=self.cfg.seed,
+            drop_last=True,
+        )
 
     def test_loader(self) -> BatchLoader:
         return BatchLoader(self.dataset("test"), self.cfg.data.eval_batch_size)
@@ -63,18 +71,23 @@ class Context:
     def calib_loader(self) -> BatchLoader:
         train_ds = self.dataset("train")
         n = min(self.cfg.transform.calib_images, len(train_ds))
-        return BatchLoader(train_ds.subset(n, seed=self.cfg.seed + 1), self.cfg.data.eval_batch_size)
+        return BatchLoader(
+            train_ds.subset(n, seed=self.cfg.seed + 1), self.cfg.data.eval_batch_size
+        )
 
     def fp_model(self) -> torch.nn.Module:
         ds = self.dataset("test")
         h, _, c = ds.image_shape
         torch.manual_seed(self.cfg.seed)
-        return build_model(self.cfg.model.name, num_classes=ds.num_classes, in_channels=c, image_size=h)
+        return build_model(
+            self.cfg.model.name, num_classes=ds.num_classes, in_channels=c, image_size=h
+        )
 
     def step1_model(self) -> torch.nn.Module:
         c = self.cfg.codes
-        return prepare_step1(self.fp_model(), bits=c.bits, eps=c.eps,
-                             keep_head_input_fp=c.keep_head_input_fp)
+        return prepare_step1(
+            self.fp_model(), bits=c.bits, eps=c.eps, keep_head_input_fp=c.keep_head_input_fp
+        )
 
     def tsq_model(self) -> torch.nn.Module:
         meta = load_json(self.stage_dir("transform") / "meta.json")
@@ -89,24 +102,38 @@ class Context:
     def load(self, stage: str, model: torch.nn.Module) -> torch.nn.Module:
         path = self.stage_dir(stage) / "model.safetensors"
         if not self.done(stage):
-            raise CheckpointError(f"stage '{stage}' has not finished in {self.run_dir}: "
-                                  f"run `tsquant {stage}` (or `tsquant run`) first")
+            raise CheckpointError(
+                f"stage '{stage}' has not finished in {self.run_dir}: "
+                f"run `tsquant {stage}` (or `tsquant run`) first"
+            )
         load_model_weights(model, path)
         return model.to(self.cfg.device)
 
     def finish(self, stage: str, model: torch.nn.Module, meta: dict) -> None:
         out = self.stage_dir(stage)
         save_tensors(out / "model.safetensors", model.state_dict(), {"stage": stage})
-        meta = {"stage": stage, "tsquant": __version__, "config": asdict(self.cfg),
-                "model_sha256": sha256_of(out / "model.safetensors"), **meta}
+        meta = {
+            "stage": stage,
+            "tsquant": __version__,
+            "config": asdict(self.cfg),
+            "model_sha256": sha256_of(out / "model.safetensors"),
+            **meta,
+        }
         clear_resume(out)
         save_json(out / "meta.json", meta)  # last: marks the stage complete
 
 
 def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
     start = time.time()
-    logs = train(model, ctx.train_loader(cfg_train), cfg_train, ctx.stage_dir(stage),
-                 ctx.cfg.device, desc=desc, test_loader=None)
+    logs = train(
+        model,
+        ctx.train_loader(cfg_train),
+        cfg_train,
+        ctx.stage_dir(stage),
+        ctx.cfg.device,
+        desc=desc,
+        test_loader=None,
+    )
     top1 = evaluate(model, ctx.test_loader(), ctx.cfg.device, f"{stage} eval")
     print(f"[{stage}] test top-1 {top1:.2f}%", flush=True)
     return {"logs": logs, "test_top1": top1, "wall_s": time.time() - start}
@@ -118,8 +145,11 @@ def stage_train(ctx: Context) -> None:
         load_model_weights(model, Path(ctx.cfg.init_checkpoint))
         top1 = evaluate(model, ctx.test_loader(), ctx.cfg.device, "fp eval")
         print(f"[train] loaded {ctx.cfg.init_checkpoint}: test top-1 {top1:.2f}%", flush=True)
-        meta = {"test_top1": top1, "source": ctx.cfg.init_checkpoint,
-                "source_sha256": sha256_of(Path(ctx.cfg.init_checkpoint))}
+        meta = {
+            "test_top1": top1,
+            "source": ctx.cfg.init_checkpoint,
+            "source_sha256": sha256_of(Path(ctx.cfg.init_checkpoint)),
+        }
     else:
         meta = _train_stage(ctx, "train", model, ctx.cfg.train, "fp")
     ctx.finish("train", model, meta)
@@ -135,10 +165,18 @@ def stage_codes(ctx: Context) -> None:
 def stage_transform(ctx: Context) -> None:
     step1 = ctx.load("codes", ctx.step1_model())
     t = ctx.cfg.transform
-    tcfg = TransformConfig(weight_bits=t.weight_bits, mode=t.mode, lam=t.lam, iters=t.iters,
-                           variant=t.variant, positions_per_image=t.positions_per_image,
-                           first_layer=t.first_layer, last_layer=t.last_layer, seed=ctx.cfg.seed,
-                           device=ctx.cfg.device)
+    tcfg = TransformConfig(
+        weight_bits=t.weight_bits,
+        mode=t.mode,
+        lam=t.lam,
+        iters=t.iters,
+        variant=t.variant,
+        positions_per_image=t.positions_per_image,
+        first_layer=t.first_layer,
+        last_layer=t.last_layer,
+        seed=ctx.cfg.seed,
+        device=ctx.cfg.device,
+    )
     layers = quantizable_layers(analyse(step1), t.first_layer, t.last_layer)
     rows: list[dict] = []
     start = time.time()
@@ -146,9 +184,17 @@ def stage_transform(ctx: Context) -> None:
     wall = time.time() - start
     top1 = evaluate(model, ctx.test_loader(), ctx.cfg.device, "tsq eval")
     print(f"[transform] test top-1 {top1:.2f}% (step 2 took {wall:.1f}s)", flush=True)
-    ctx.finish("transform", model, {"test_top1": top1, "wall_s": wall, "layers": rows,
-                                    "quantized_layers": [layer.name for layer in layers],
-                                    "weight_bits": t.weight_bits})
+    ctx.finish(
+        "transform",
+        model,
+        {
+            "test_top1": top1,
+            "wall_s": wall,
+            "layers": rows,
+            "quantized_layers": [layer.name for layer in layers],
+            "weight_bits": t.weight_bits,
+        },
+    )
 
 
 def stage_finetune(ctx: Context) -> None:
@@ -166,18 +212,32 @@ def stage_eval(ctx: Context) -> list[dict]:
     rows = []
     test = ctx.test_loader()
     ds = ctx.dataset("test")
-    candidates = [("fp", "train", ctx.fp_model), ("step1", "codes", ctx.step1_model),
-                  ("tsq", "transform", ctx.tsq_model), ("tsq_ft", "finetune", ctx.tsq_model)]
+    candidates = [
+        ("fp", "train", ctx.fp_model),
+        ("step1", "codes", ctx.step1_model),
+        ("tsq", "transform", ctx.tsq_model),
+        ("tsq_ft", "finetune", ctx.tsq_model),
+    ]
     for method, stage, builder in candidates:
         if not ctx.done(stage) or load_json(ctx.stage_dir(stage) / "meta.json").get("skipped"):
             continue
         start = time.time()
         top1 = evaluate(ctx.load(stage, builder()), test, ctx.cfg.device, f"eval {method}")
-        rows.append({"method": method, "stage": stage, "top1": top1, "test_images": len(ds),
-                     "dataset": ds.title or ds.name, "model": ctx.cfg.model.name,
-                     "w_bits": "fp" if method in ("fp", "step1") else ctx.cfg.transform.weight_bits,
-                     "a_bits": "fp" if method == "fp" else ctx.cfg.codes.bits,
-                     "eps": ctx.cfg.codes.eps, "seed": ctx.cfg.seed, "eval_s": time.time() - start})
+        rows.append(
+            {
+                "method": method,
+                "stage": stage,
+                "top1": top1,
+                "test_images": len(ds),
+                "dataset": ds.title or ds.name,
+                "model": ctx.cfg.model.name,
+                "w_bits": "fp" if method in ("fp", "step1") else ctx.cfg.transform.weight_bits,
+                "a_bits": "fp" if method == "fp" else ctx.cfg.codes.bits,
+                "eps": ctx.cfg.codes.eps,
+                "seed": ctx.cfg.seed,
+                "eval_s": time.time() - start,
+            }
+        )
     if not rows:
         raise CheckpointError(f"nothing to evaluate in {ctx.run_dir}: run `tsquant run` first")
     print(results_table(rows), flush=True)
@@ -191,7 +251,9 @@ def results_table(rows: list[dict]) -> str:
     lines = ["| method | weights | activations | top-1 (%) | vs FP |", "|---|---|---|---|---|"]
     for r in rows:
         delta = f"{r['top1'] - fp:+.2f}" if fp is not None else ""
-        lines.append(f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['top1']:.2f} | {delta} |")
+        lines.append(
+            f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['top1']:.2f} | {delta} |"
+        )
     return "\n".join(lines)
 
 
@@ -201,8 +263,14 @@ def stage_report(ctx: Context) -> Path:
     return write_report(ctx)
 
 
-RUNNERS = {"train": stage_train, "codes": stage_codes, "transform": stage_transform,
-           "finetune": stage_finetune, "eval": stage_eval, "report": stage_report}
+RUNNERS = {
+    "train": stage_train,
+    "codes": stage_codes,
+    "transform": stage_transform,
+    "finetune": stage_finetune,
+    "eval": stage_eval,
+    "report": stage_report,
+}
 
 
 def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:

@@ -13,7 +13,17 @@ from .modules import QuantizedConv2d, QuantizedLinear
 from .weight import WeightGrid, dequantize, quantize_to_grid, ternarize
 
 __all__ = [
-    "QuantizedConv2d", "QuantizedLinear", "SparseQuantizer", "WeightGrid", "codes_to_values",
-    "dequantize", "eps_for_sparsity", "gaussian_optimal_step", "quantize_codes",
-    "quantize_to_grid", "sparse_quantize", "ternarize", "values_to_codes",
+    "QuantizedConv2d",
+    "QuantizedLinear",
+    "SparseQuantizer",
+    "WeightGrid",
+    "codes_to_values",
+    "dequantize",
+    "eps_for_sparsity",
+    "gaussian_optimal_step",
+    "quantize_codes",
+    "quantize_to_grid",
+    "sparse_quantize",
+    "ternarize",
+    "values_to_codes",
 ]

@@ -18,7 +18,9 @@ _STANDARD_NORMAL = NormalDist()
 
 def _check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"activation bits must be an integer in 1..8, got {bits!r}: pass e.g. bits=2")
+        raise ValueError(
+            f"activation bits must be an integer in 1..8, got {bits!r}: pass e.g. bits=2"
+        )
 
 
 def _check_eps_step(eps: float, step: float, bits: int) -> None:

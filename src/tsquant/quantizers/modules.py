@@ -47,7 +47,9 @@ class _GridWeightMixin:
     def set_quantized(self, codes: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None):
         with torch.no_grad():
             self.alpha.copy_(alpha.reshape(-1))
-            self.weight.copy_(codes.reshape(self.weight.shape).to(self.weight.dtype) * self._alpha_view())
+            self.weight.copy_(
+                codes.reshape(self.weight.shape).to(self.weight.dtype) * self._alpha_view()
+            )
             if bias is not None:
                 self.bias.copy_(bias)
 
@@ -70,9 +72,15 @@ class QuantizedConv2d(_GridWeightMixin, nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, grid) -> QuantizedConv2d:
         new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            padding_mode=conv.padding_mode, grid=grid,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            grid=grid,
         )
         return new.to(device=conv.weight.device)
 

@@ -3,5 +3,12 @@
 from .alternation import LayerSolution, SolverConfig, solve_layer, solve_linear_layer
 from .statistics import GramAccumulator, cross, gram
 
-__all__ = ["GramAccumulator", "LayerSolution", "SolverConfig", "cross", "gram", "solve_layer",
-           "solve_linear_layer"]
+__all__ = [
+    "GramAccumulator",
+    "LayerSolution",
+    "SolverConfig",
+    "cross",
+    "gram",
+    "solve_layer",
+    "solve_linear_layer",
+]

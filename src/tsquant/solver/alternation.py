@@ -300,7 +300,9 @@ def solve_layer(
     """
     start = time.perf_counter()
     overrides = {"weight_bits": weight_bits, "lam": lam, "iters": iters}
-    config = replace(config or SolverConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    config = replace(
+        config or SolverConfig(), **{k: v for k, v in overrides.items() if v is not None}
+    )
     cfg = config.effective
     grid = WeightGrid.from_spec(cfg.weight_bits)
     _check_inputs(X, Y, init, bias, offset)
@@ -317,8 +319,16 @@ def solve_layer(
     pre = problem.pre_activation(s, alpha, bias)
     err, agree = problem.true_error(pre)
     agreement_init = float(agree.sum()) / (m * c)
-    history = [{"iter": 0, "objective": float("nan"), "true_error": float(err.sum()) / m,
-                "agreement": agreement_init, "changes": 0, "lam": cfg.lam}]
+    history = [
+        {
+            "iter": 0,
+            "objective": float("nan"),
+            "true_error": float(err.sum()) / m,
+            "agreement": agreement_init,
+            "changes": 0,
+            "lam": cfg.lam,
+        }
+    ]
     lam_now = cfg.lam
     z, _ = problem.z_step(pre, lam_now, cfg.margin)
     best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
@@ -342,12 +352,22 @@ def solve_layer(
         err, agree = problem.true_error(pre)
         if float(err.sum()) < best[0]:
             best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
-        history.append({"iter": it, "objective": float(zcost) / m, "true_error": float(err.sum()) / m,
-                        "agreement": float(agree.sum()) / (m * c), "changes": changes, "lam": lam_now})
+        history.append(
+            {
+                "iter": it,
+                "objective": float(zcost) / m,
+                "true_error": float(err.sum()) / m,
+                "agreement": float(agree.sum()) / (m * c),
+                "changes": changes,
+                "lam": lam_now,
+            }
+        )
         if verbose:
             h = history[-1]
-            print(f"  iter {it:3d} relaxed {h['objective']:.5f} true {h['true_error']:.5f} "
-                  f"agree {h['agreement']:.4f} changes {changes}")
+            print(
+                f"  iter {it:3d} relaxed {h['objective']:.5f} true {h['true_error']:.5f} "
+                f"agree {h['agreement']:.4f} changes {changes}"
+            )
         still = still + 1 if changes == 0 else 0
         if still >= 2:
             break  # w has not moved for two alternations: the iterate is (close to) a fixed point
@@ -386,7 +406,9 @@ def _check_inputs(X, Y, init, bias, offset):
     if bias is not None and bias.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")
     if offset is not None and offset.shape != Y.shape:
-        raise ValueError(f"offset must have the shape of Y {tuple(Y.shape)}, got {tuple(offset.shape)}")
+        raise ValueError(
+            f"offset must have the shape of Y {tuple(Y.shape)}, got {tuple(offset.shape)}"
+        )
 
 
 def solve_linear_layer(
@@ -407,11 +429,17 @@ def solve_linear_layer(
     stats = gram(X, cfg.chunk_rows)
     target = T.double()
     spread = ((target - target.mean(0)) ** 2).sum().clamp_min(1e-12)
-    bias = torch.zeros(c, dtype=torch.float64, device=X.device) if bias is None else bias.double().clone()
+    bias = (
+        torch.zeros(c, dtype=torch.float64, device=X.device)
+        if bias is None
+        else bias.double().clone()
+    )
     if init is None:
         eye = torch.eye(X.shape[1], dtype=torch.float64, device=X.device)
         ridge = cfg.ridge * stats.gram.diagonal().mean().clamp_min(1e-12)
-        init = torch.linalg.solve(stats.gram + ridge * eye, cross(X, target - bias, cfg.chunk_rows)).T
+        init = torch.linalg.solve(
+            stats.gram + ridge * eye, cross(X, target - bias, cfg.chunk_rows)
+        ).T
     codes, alpha = quantize_to_grid(init.reshape(c, -1), grid)
     weights_t, alpha = codes.double().T.contiguous(), alpha.double()
 
@@ -434,7 +462,11 @@ def solve_linear_layer(
         if changes == 0 and it > 1:
             break
     return LayerSolution(
-        weight_codes=weights_t.T.contiguous().to(grid.code_dtype), alpha=alpha.float(),
-        bias=bias.float(), history=history, relative_error_init=error_init,
-        relative_error=history[-1]["relative_error"], seconds=time.perf_counter() - start,
+        weight_codes=weights_t.T.contiguous().to(grid.code_dtype),
+        alpha=alpha.float(),
+        bias=bias.float(),
+        history=history,
+        relative_error_init=error_init,
+        relative_error=history[-1]["relative_error"],
+        seconds=time.perf_counter() - start,
     )
