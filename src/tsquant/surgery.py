@@ -173,7 +173,12 @@ def analyse(model: nn.Module) -> list[Layer]:
             operands = [a for a in src.args if isinstance(a, torch.fx.Node)]
             chains = [bn_chain(a) for a in operands]
             if any(c is not None for c in chains):
-                main = next(c for c in reversed(chains) if c is not None)
+                # the main branch is the chain with the widest layer (3x3 conv vs a 1x1
+                # projection shortcut); the others are solved first, as linear targets
+                candidates = [c for c in chains if c is not None]
+                main = max(
+                    candidates, key=lambda c: gm.get_submodule(c.args[0].target).weight[0].numel()
+                )
                 conv_name = main.args[0].target
                 layer = Layer(conv_name, "coded", main.target, node.target, residual=True)
                 for c in chains:
@@ -186,7 +191,14 @@ def analyse(model: nn.Module) -> list[Layer]:
             f"activation '{node.target}' is not preceded by BatchNorm (directly or through a "
             "residual add): put a BatchNorm after the layer that feeds it"
         )
-    ordered = [layers[n.target] for n in weight_nodes]
+    ordered = []
+    for n in weight_nodes:  # topological, with linear feeders moved before their chain
+        layer = layers[n.target]
+        if layer.kind == "linear" and layer in ordered:
+            continue
+        ordered += [layers[f] for f in layer.feeds if layers[f] not in ordered]
+        if layer not in ordered:
+            ordered.append(layer)
     for layer in ordered:
         layer.first = layer is ordered[0]
         layer.last = layer is ordered[-1]
@@ -221,26 +233,27 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _fold_affine_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
-    """Fold BN's gamma/beta into the layer before and return the matching non-affine BN.
+    """Fold an affine BN into the layer before and return the non-affine BN that follows it.
 
-    gamma (x - mu) / sigma + beta = conv'(x) with weights scaled by gamma/sigma and bias
-    beta - gamma mu / sigma; the new non-affine BN gets mean beta and variance gamma^2, so it
-    normalises conv'(x) back to (x - mu) / sigma up to the sign of gamma.
+    The step-1 quantizer needs a normalised pre-activation, so only the sign of gamma survives:
+    conv' = sign(gamma) (conv - mu) / sigma exactly, and the new BN (mean 0, variance 1 - eps)
+    is the identity on it until training re-estimates its statistics. beta and |gamma| are
+    dropped; step-1 training re-learns what they did.
     """
     with torch.no_grad():
-        sigma = torch.sqrt(bn.running_var + bn.eps)
-        scale = bn.weight / sigma
+        sign = torch.where(bn.weight < 0, -1.0, 1.0).to(bn.running_var.dtype)
+        scale = sign / torch.sqrt(bn.running_var + bn.eps)
         shape = (-1,) + (1,) * (conv.weight.dim() - 1)
         conv.weight.mul_(scale.reshape(shape))
         old_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = bn.bias + scale * (old_bias - bn.running_mean)
+        new_bias = scale * (old_bias - bn.running_mean)
         if conv.bias is None:
             conv.bias = nn.Parameter(new_bias)
         else:
             conv.bias.copy_(new_bias)
         new_bn = type(bn)(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=False)
-        new_bn.running_mean.copy_(bn.bias)
-        new_bn.running_var.copy_(bn.weight**2 * bn.running_var / (bn.running_var + bn.eps))
+        new_bn.running_mean.zero_()
+        new_bn.running_var.fill_(1 - bn.eps)
     return new_bn.to(bn.running_mean.device)
 
 

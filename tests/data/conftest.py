@@ -33,8 +33,9 @@ def idx_bytes(arr: np.ndarray) -> bytes:
     return header + arr.astype(dt.newbyteorder(">")).tobytes()
 
 
-def write_idx_split(root: Path, split: str, n: int, gz: bool, seed: int = 0,
-                    hw: tuple[int, int] = (28, 28)) -> tuple[np.ndarray, np.ndarray]:
+def write_idx_split(
+    root: Path, split: str, n: int, gz: bool, seed: int = 0, hw: tuple[int, int] = (28, 28)
+) -> tuple[np.ndarray, np.ndarray]:
     """Write <prefix>-images-idx3-ubyte[.gz] and labels; return the arrays."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, *hw), dtype=np.uint8)
@@ -67,8 +68,21 @@ def write_cifar_bin(root: Path, per_batch: int = 3) -> Path:
         rec = np.concatenate([labels.astype(np.uint8)[:, None], data], axis=1)
         (d / name).write_bytes(rec.tobytes())
     (d / "batches.meta.txt").write_text(
-        "\n".join(["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]) + "\n\n"
+        "\n".join(
+            [
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ]
+        )
+        + "\n\n"
     )
     return d
 
@@ -107,8 +121,12 @@ def write_image(path: Path, w: int, h: int, seed: int, mode: str = "RGB") -> Non
     Image.fromarray(arr).convert(mode).save(path)
 
 
-def write_imagefolder(root: Path, sizes: Callable[[int], tuple[int, int]] | None = None,
-                      splits: tuple[str, ...] = ("train",), per_class: int = 3) -> Path:
+def write_imagefolder(
+    root: Path,
+    sizes: Callable[[int], tuple[int, int]] | None = None,
+    splits: tuple[str, ...] = ("train",),
+    per_class: int = 3,
+) -> Path:
     """root/<split>/{cat,dog}/ with PNG and JPEG (plus a grayscale one) images."""
     k = 0
     for split in splits:
@@ -116,8 +134,13 @@ def write_imagefolder(root: Path, sizes: Callable[[int], tuple[int, int]] | None
             for j in range(per_class):
                 w, h = sizes(k) if sizes else (12, 10)
                 ext = ".png" if j % 2 == 0 else ".JPEG"
-                write_image(root / split / cls / f"{j:03d}{ext}", w, h, seed=k,
-                            mode="L" if j == 2 else "RGB")
+                write_image(
+                    root / split / cls / f"{j:03d}{ext}",
+                    w,
+                    h,
+                    seed=k,
+                    mode="L" if j == 2 else "RGB",
+                )
                 k += 1
             (root / split / cls / "notes.txt").write_text("not an image")
     return root

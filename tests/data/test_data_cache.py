@@ -28,12 +28,14 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_second_load_hits_cache(imagefolder_root: Path, count_decodes: list[str]) -> None:
-    first = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8,
-                         progress=False, workers=0)
+    first = load_dataset(
+        "imagefolder", "train", root=imagefolder_root, image_size=8, progress=False, workers=0
+    )
     assert len(count_decodes) == 6
     t0 = time.perf_counter()
-    second = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8,
-                          progress=False, workers=0)
+    second = load_dataset(
+        "imagefolder", "train", root=imagefolder_root, image_size=8, progress=False, workers=0
+    )
     assert time.perf_counter() - t0 < 1.0
     assert len(count_decodes) == 6  # not decoded again
     assert isinstance(second.images, np.memmap)
@@ -41,13 +43,15 @@ def test_second_load_hits_cache(imagefolder_root: Path, count_decodes: list[str]
     np.testing.assert_array_equal(first.labels, second.labels)
     assert second.classes == ["cat", "dog"]
     # other decode params -> other cache entry
-    load_dataset("imagefolder", "train", root=imagefolder_root, image_size=6, progress=False,
-                 workers=0)
+    load_dataset(
+        "imagefolder", "train", root=imagefolder_root, image_size=6, progress=False, workers=0
+    )
     assert len(count_decodes) == 12
 
 
-def test_tarball_cache_hit_skips_extraction(tmp_path: Path, helpers, imagefolder_root: Path,
-                                            count_decodes: list[str], monkeypatch) -> None:
+def test_tarball_cache_hit_skips_extraction(
+    tmp_path: Path, helpers, imagefolder_root: Path, count_decodes: list[str], monkeypatch
+) -> None:
     tar = helpers.make_tarball(imagefolder_root, tmp_path / "f.tar.gz")
     load_dataset("imagefolder", "val", root=tar, image_size=8, progress=False, workers=0)
 
@@ -59,20 +63,21 @@ def test_tarball_cache_hit_skips_extraction(tmp_path: Path, helpers, imagefolder
     assert len(ds) == 6 and len(count_decodes) == 6
 
 
-def test_source_change_invalidates(imagefolder_root: Path, helpers,
-                                   count_decodes: list[str]) -> None:
+def test_source_change_invalidates(
+    imagefolder_root: Path, helpers, count_decodes: list[str]
+) -> None:
     load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8, progress=False)
     cat = imagefolder_root / "train" / "cat"
     helpers.write_image(cat / "new.png", 12, 10, seed=99)
     st = cat.stat()
     os.utime(cat, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # robust to coarse mtimes
-    ds = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8,
-                      progress=False)
+    ds = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8, progress=False)
     assert len(ds) == 7 and len(count_decodes) == 6 + 7
 
 
-def test_interrupted_write_leaves_no_entry(imagefolder_root: Path, monkeypatch,
-                                           count_decodes: list[str]) -> None:
+def test_interrupted_write_leaves_no_entry(
+    imagefolder_root: Path, monkeypatch, count_decodes: list[str]
+) -> None:
     real = cache_mod.save_json_atomic
 
     def killed(*a, **k):
@@ -80,11 +85,9 @@ def test_interrupted_write_leaves_no_entry(imagefolder_root: Path, monkeypatch,
 
     monkeypatch.setattr(cache_mod, "save_json_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
-        load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8,
-                     progress=False)
+        load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8, progress=False)
     monkeypatch.setattr(cache_mod, "save_json_atomic", real)
-    ds = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8,
-                      progress=False)
+    ds = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8, progress=False)
     assert len(ds) == 6 and len(count_decodes) == 12  # rebuilt, not trusted
 
 
@@ -106,8 +109,7 @@ def test_corrupt_entry_is_rebuilt(imagefolder_root: Path, count_decodes: list[st
     load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8, progress=False)
     entry = next((cache_dir() / "arrays" / "imagefolder").iterdir())
     (entry / "images.npy").write_bytes(b"junk")
-    ds = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8,
-                      progress=False)
+    ds = load_dataset("imagefolder", "train", root=imagefolder_root, image_size=8, progress=False)
     assert len(ds) == 6 and len(count_decodes) == 12
 
 

@@ -74,10 +74,13 @@ def test_malicious_pickle_is_refused(tmp_path: Path, helpers) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    pickle.dumps(eval),  # builtins.eval
-    pickle.dumps(Path("x")),  # pathlib objects are not data either
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(eval),  # builtins.eval
+        pickle.dumps(Path("x")),  # pathlib objects are not data either
+    ],
+)
 def test_other_globals_refused(tmp_path: Path, payload: bytes) -> None:
     f = tmp_path / "batch"
     f.write_bytes(payload)
@@ -109,7 +112,7 @@ def test_official_tarball(tmp_path: Path, helpers, isolated_cache, fmt: str) -> 
 
 
 def test_not_found_and_download_failure(tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(DataError, match=r"CIFAR-10 not found under .*--data-root"):
+    with pytest.raises(DataError, match=r"CIFAR-10 not found under .*data.root"):
         load_cifar10(tmp_path, "train")
     monkeypatch.setattr(cifar_mod, "CIFAR10_BIN_URL", (tmp_path / "nope.tar.gz").as_uri())
     with pytest.raises(DataError, match=r"download of .* failed"):
@@ -133,8 +136,9 @@ def test_load_dataset_cifar_binary_is_cached(tmp_path: Path, helpers, monkeypatc
 
 def _jpeg_copy(tmp_path: Path, helpers) -> Path:
     """A miniature cifar10-jpeg.tar.gz (ImageFolder with train/test, 32x32 JPEGs)."""
-    src = helpers.write_imagefolder(tmp_path / "cifar10-jpeg", sizes=lambda k: (32, 32),
-                                    splits=("train", "test"), per_class=2)
+    src = helpers.write_imagefolder(
+        tmp_path / "cifar10-jpeg", sizes=lambda k: (32, 32), splits=("train", "test"), per_class=2
+    )
     shared = tmp_path / "shared"
     shared.mkdir()
     return helpers.make_tarball(src, shared / "cifar10-jpeg.tar.gz")
@@ -154,5 +158,5 @@ def test_cifar_nothing_found(tmp_path: Path, monkeypatch) -> None:
     from tsquant.data import datasets as ds_mod
 
     monkeypatch.setattr(ds_mod, "shared_data_dirs", lambda: [])
-    with pytest.raises(DataError, match=r"CIFAR-10 not found .*--data-root.*--download"):
+    with pytest.raises(DataError, match=r"CIFAR-10 not found .*data.root.*data.download"):
         load_dataset("cifar10", "train")

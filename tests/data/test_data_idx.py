@@ -35,8 +35,9 @@ def test_torchvision_layout_is_found(tmp_path: Path, helpers) -> None:
 @settings(max_examples=25, deadline=None)
 @given(
     hnp.arrays(
-        dtype=st.sampled_from([np.uint8, np.int8, np.dtype(">i2"), np.dtype(">i4"),
-                               np.dtype(">f4"), np.dtype(">f8")]),
+        dtype=st.sampled_from(
+            [np.uint8, np.int8, np.dtype(">i2"), np.dtype(">i4"), np.dtype(">f4"), np.dtype(">f8")]
+        ),
         shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
     )
 )
@@ -99,7 +100,7 @@ def test_missing_fashion_mnist_names_the_fix(tmp_path: Path) -> None:
         load_idx_split(tmp_path, "train", dataset="fashion_mnist")
     msg = str(exc.value)
     assert "Fashion-MNIST files not found under" in msg
-    assert "apt-get install -y dataset-fashion-mnist" in msg and "--data-root" in msg
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "data.root" in msg
 
 
 def test_bad_split_and_dataset(tmp_path: Path) -> None:
@@ -110,8 +111,9 @@ def test_bad_split_and_dataset(tmp_path: Path) -> None:
 
 
 def _serve_from(monkeypatch: pytest.MonkeyPatch, mirror: Path, md5: dict[str, str]) -> None:
-    spec = dataclasses.replace(idx_mod.IDX_DATASETS["mnist"], url_base=mirror.as_uri() + "/",
-                               md5=md5)
+    spec = dataclasses.replace(
+        idx_mod.IDX_DATASETS["mnist"], url_base=mirror.as_uri() + "/", md5=md5
+    )
     monkeypatch.setitem(idx_mod.IDX_DATASETS, "mnist", spec)
 
 
@@ -139,5 +141,5 @@ def test_download_md5_mismatch(tmp_path: Path, helpers, monkeypatch, isolated_ca
 
 def test_download_failure_is_clear(tmp_path: Path, monkeypatch) -> None:
     _serve_from(monkeypatch, tmp_path / "no-such-mirror", md5={})
-    with pytest.raises(DataError, match=r"download of .* failed .*--data-root"):
+    with pytest.raises(DataError, match=r"download of .* failed .*data.root"):
         load_idx_split(tmp_path, "train", dataset="mnist", download=True)

@@ -68,8 +68,9 @@ def test_split_alias_and_missing_split(imagefolder_root: Path) -> None:
         load_imagefolder(imagefolder_root, "holdout", progress=False)
 
 
-def test_tarball_extracted_into_cache(tmp_path: Path, helpers, imagefolder_root: Path,
-                                      isolated_cache: Path) -> None:
+def test_tarball_extracted_into_cache(
+    tmp_path: Path, helpers, imagefolder_root: Path, isolated_cache: Path
+) -> None:
     tar_dir = tmp_path / "ro"
     tar_dir.mkdir()
     tar = helpers.make_tarball(imagefolder_root, tar_dir / "folder.tar.gz", arcname="top")
@@ -98,14 +99,18 @@ def _tar_with(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Pa
     return tar_path
 
 
-@pytest.mark.parametrize("name, kind, match", [
-    ("../evil", tarfile.REGTYPE, r"'\.\.' path traversal"),
-    ("data/../../evil", tarfile.REGTYPE, r"'\.\.' path traversal"),
-    ("/tmp/abs_evil", tarfile.REGTYPE, "absolute path"),
-    ("data/link", tarfile.SYMTYPE, r"\(link\)"),
-])
-def test_unsafe_tarball_rejected(tmp_path: Path, isolated_cache: Path, name: str, kind: bytes,
-                                 match: str) -> None:
+@pytest.mark.parametrize(
+    "name, kind, match",
+    [
+        ("../evil", tarfile.REGTYPE, r"'\.\.' path traversal"),
+        ("data/../../evil", tarfile.REGTYPE, r"'\.\.' path traversal"),
+        ("/tmp/abs_evil", tarfile.REGTYPE, "absolute path"),
+        ("data/link", tarfile.SYMTYPE, r"\(link\)"),
+    ],
+)
+def test_unsafe_tarball_rejected(
+    tmp_path: Path, isolated_cache: Path, name: str, kind: bytes, match: str
+) -> None:
     member = tarfile.TarInfo(name)
     member.type = kind
     if kind == tarfile.SYMTYPE:

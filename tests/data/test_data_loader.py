@@ -13,14 +13,22 @@ from tsquant.data import DATASETS, ArrayDataset, BatchLoader, DataError, dataset
 
 def _dataset(n: int = 23, hw: int = 8, c: int = 3, torch_arrays: bool = False) -> ArrayDataset:
     """Image i is filled with value i % 256 so batches can be traced back to indices."""
-    images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
-                             (n, hw, hw, c)).copy()
+    images = np.broadcast_to(
+        (np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, hw, hw, c)
+    ).copy()
     labels = (np.arange(n) % 4).astype(np.int64)
     if torch_arrays:
-        return ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels),
-                            ["a", "b", "c", "d"], name="toy", mean=(0.0,) * c, std=(1.0,) * c)
-    return ArrayDataset(images, labels, ["a", "b", "c", "d"], name="toy",
-                        mean=(0.0,) * c, std=(1.0,) * c)
+        return ArrayDataset(
+            torch.from_numpy(images),
+            torch.from_numpy(labels),
+            ["a", "b", "c", "d"],
+            name="toy",
+            mean=(0.0,) * c,
+            std=(1.0,) * c,
+        )
+    return ArrayDataset(
+        images, labels, ["a", "b", "c", "d"], name="toy", mean=(0.0,) * c, std=(1.0,) * c
+    )
 
 
 def _ids(x: torch.Tensor) -> list[int]:
@@ -68,8 +76,7 @@ def test_iter_from_matches_tail_of_full_epoch_with_augmentation() -> None:
     loader = BatchLoader(ds, batch_size=4, shuffle=True, augment=True, seed=3, policy="crop_flip")
     loader.set_epoch(2)
     full = _epoch(loader)
-    resumed = BatchLoader(ds, batch_size=4, shuffle=True, augment=True, seed=3,
-                          policy="crop_flip")
+    resumed = BatchLoader(ds, batch_size=4, shuffle=True, augment=True, seed=3, policy="crop_flip")
     resumed.set_epoch(2)
     tail = _epoch(resumed, start=5)
     assert len(tail) == len(full) - 5
@@ -98,8 +105,9 @@ def test_sharding_is_disjoint_and_balanced(world_size: int) -> None:
     ds = _dataset(n=23)
     shards = []
     for rank in range(world_size):
-        loader = BatchLoader(ds, batch_size=3, shuffle=True, seed=5, rank=rank,
-                             world_size=world_size)
+        loader = BatchLoader(
+            ds, batch_size=3, shuffle=True, seed=5, rank=rank, world_size=world_size
+        )
         loader.set_epoch(4)
         ids = [i for x, _ in loader for i in _ids(x)]
         assert ids == loader.indices().tolist()
@@ -121,8 +129,9 @@ def test_subset_is_deterministic() -> None:
     assert len(set(ids)) == 10 and ids == sorted(ids)
     assert ds.subset(10, seed=2).images[:, 0, 0, 0].tolist() != ids
     np.testing.assert_array_equal(a.labels, np.asarray(ids) % 4)
-    calib = BatchLoader(ds, batch_size=4, shuffle=True, augment=True).subset(8, seed=0,
-                                                                             augment=False)
+    calib = BatchLoader(ds, batch_size=4, shuffle=True, augment=True).subset(
+        8, seed=0, augment=False
+    )
     assert len(calib) == 2 and not calib.augment and calib.num_samples == 8
     with pytest.raises(DataError, match="subset size"):
         ds.subset(41)

@@ -51,12 +51,16 @@ def _reference_crop(x: torch.Tensor, size: int, padding: int, seed: int) -> torc
     n, hp, wp, _ = xp.shape
     oy = torch.randint(0, hp - size + 1, (n,), generator=g)
     ox = torch.randint(0, wp - size + 1, (n,), generator=g)
-    return torch.stack([xp[i, oy[i]:oy[i] + size, ox[i]:ox[i] + size] for i in range(n)])
+    return torch.stack([xp[i, oy[i] : oy[i] + size, ox[i] : ox[i] + size] for i in range(n)])
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 6), size=st.integers(1, 8), padding=st.integers(0, 4),
-       seed=st.integers(0, 2**31))
+@given(
+    n=st.integers(1, 6),
+    size=st.integers(1, 8),
+    padding=st.integers(0, 4),
+    seed=st.integers(0, 2**31),
+)
 def test_random_crop_matches_loop(n: int, size: int, padding: int, seed: int) -> None:
     x = _batch(n, 8, 8, 2, seed=seed % 7)
     out = random_crop(x, size, padding, _gen(seed))

@@ -116,8 +116,15 @@ def test_from_data_rejects_empty_or_nan_samples():
 
 @pytest.mark.parametrize(
     "bits,eps,step",
-    [(1, 0.0, 1.0), (1, 0.3, 0.7), (2, 0.0, 0.5388), (2, 0.32, 0.6487), (3, 0.2, 0.25),
-     (4, 0.05, 0.1), (2, 0.9, 0.61)],
+    [
+        (1, 0.0, 1.0),
+        (1, 0.3, 0.7),
+        (2, 0.0, 0.5388),
+        (2, 0.32, 0.6487),
+        (3, 0.2, 0.25),
+        (4, 0.05, 0.1),
+        (2, 0.9, 0.61),
+    ],
 )
 def test_levels_and_thresholds_follow_the_formula_exactly(bits, eps, step):
     q = SparseQuantizer(bits=bits, eps=eps, step=step)
@@ -132,12 +139,15 @@ def test_levels_and_thresholds_follow_the_formula_exactly(bits, eps, step):
 def test_right_closed_bins_on_explicit_edges():
     d, eps = 0.5, 0.2
     q = SparseQuantizer(bits=2, eps=eps, step=d)
-    x = torch.tensor([eps, math.nextafter(eps, 1), 0.75, math.nextafter(0.75, 1), 0.0, -3.0, 9.0],
-                     dtype=torch.float64)
+    x = torch.tensor(
+        [eps, math.nextafter(eps, 1), 0.75, math.nextafter(0.75, 1), 0.0, -3.0, 9.0],
+        dtype=torch.float64,
+    )
     assert q.codes(x).tolist() == [0, 1, 1, 2, 0, 0, 3]  # edges 0.2, 0.75, 1.25
     q3 = SparseQuantizer(bits=3, eps=eps, step=d)  # edges 0.2, 0.75, 1.25, ..., 3.25
-    x3 = torch.tensor([1.25, math.nextafter(1.25, 2), 3.25, math.nextafter(3.25, 4)],
-                      dtype=torch.float64)
+    x3 = torch.tensor(
+        [1.25, math.nextafter(1.25, 2), 3.25, math.nextafter(3.25, 4)], dtype=torch.float64
+    )
     assert q3.codes(x3).tolist() == [2, 3, 6, 7]
 
 
@@ -181,8 +191,19 @@ def test_encode_rejects_values_off_the_levels():
 def test_ste_gradient_mask(bits, eps, step):
     q = SparseQuantizer(bits=bits, eps=eps, step=step)
     upper = (2**bits - 1) * step
-    points = [-1.0, 0.0, 5e-324, 0.5 * eps, eps, math.nextafter(eps, 9), 0.5 * upper,
-              math.nextafter(upper, 0), upper, math.nextafter(upper, 99), upper + 1.0]
+    points = [
+        -1.0,
+        0.0,
+        5e-324,
+        0.5 * eps,
+        eps,
+        math.nextafter(eps, 9),
+        0.5 * upper,
+        math.nextafter(upper, 0),
+        upper,
+        math.nextafter(upper, 99),
+        upper + 1.0,
+    ]
     # gradient 1 on the open interval (0, (2^bits - 1) d): the lower edge is 0, not eps
     expected = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     x = torch.tensor(points, dtype=torch.float64, requires_grad=True)

@@ -18,8 +18,9 @@ ALL_SPECS = ["ternary", *range(2, 9), *[f"narrow:{k}" for k in range(2, 9)]]
 def brute_force_ternary_error(w: torch.Tensor) -> float:
     """min over t in {-1,0,1}^n and alpha > 0 of ||w - alpha t||^2, by enumeration."""
     n = w.numel()
-    patterns = torch.tensor(list(itertools.product((-1.0, 0.0, 1.0), repeat=n)),
-                            dtype=torch.float64)
+    patterns = torch.tensor(
+        list(itertools.product((-1.0, 0.0, 1.0), repeat=n)), dtype=torch.float64
+    )
     norms = (patterns * patterns).sum(1)
     dots = patterns @ w
     usable = (norms > 0) & (dots > 0)  # the optimal alpha = dot / norm must be positive
@@ -33,9 +34,13 @@ magnitudes = st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False)
 
 
 @settings(max_examples=120, deadline=None)
-@given(rows=st.integers(1, 3).flatmap(
-    lambda c: st.integers(1, 7).flatmap(
-        lambda n: st.lists(st.lists(magnitudes, min_size=n, max_size=n), min_size=c, max_size=c))))
+@given(
+    rows=st.integers(1, 3).flatmap(
+        lambda c: st.integers(1, 7).flatmap(
+            lambda n: st.lists(st.lists(magnitudes, min_size=n, max_size=n), min_size=c, max_size=c)
+        )
+    )
+)
 def test_ternarize_is_the_brute_force_optimum(rows):
     w = torch.tensor(rows, dtype=torch.float64)
     codes, alpha = ternarize(w)

@@ -68,8 +68,9 @@ def test_one_sweep_equals_brute_force_coordinate_updates(spec, seed):
     w = w0.clone()
     changes = _grid_round_wstep(gram, b, w, alpha, grid, sweeps=1)
     ref, tie = reference_cd(gram, b, w0, alpha, grid, sweeps=1)
-    assert torch.allclose(w_objective(gram, b, w, alpha), w_objective(gram, b, ref, alpha),
-                          rtol=1e-9, atol=1e-9)
+    assert torch.allclose(
+        w_objective(gram, b, w, alpha), w_objective(gram, b, ref, alpha), rtol=1e-9, atol=1e-9
+    )
     if not tie:
         assert torch.equal(w, ref)
     assert changes == int((w != w0).sum())
@@ -84,8 +85,9 @@ def test_vectorised_coordinate_descent_equals_per_channel_loop(spec, seed):
     w = w0.clone()
     _grid_round_wstep(gram, b, w, alpha, grid, sweeps=4)
     ref, tie = reference_cd(gram, b, w0, alpha, grid, sweeps=4)
-    assert torch.allclose(w_objective(gram, b, w, alpha), w_objective(gram, b, ref, alpha),
-                          rtol=1e-9, atol=1e-9)
+    assert torch.allclose(
+        w_objective(gram, b, w, alpha), w_objective(gram, b, ref, alpha), rtol=1e-9, atol=1e-9
+    )
     if not tie:
         assert torch.equal(w, ref)
     # never worse than where it started
@@ -109,8 +111,10 @@ def test_alpha_step_is_the_least_squares_scale():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(50, 5, dtype=torch.float64, generator=gen)
     r = torch.randn(50, 4, dtype=torch.float64, generator=gen)
-    w = torch.tensor([[1.0, -1, 0, 1], [0, 1, 1, 1], [-1, 0, 1, 0], [1, 1, -1, 0],
-                      [0, -1, 0, 1]], dtype=torch.float64)
+    w = torch.tensor(
+        [[1.0, -1, 0, 1], [0, 1, 1, 1], [-1, 0, 1, 0], [1, 1, -1, 0], [0, -1, 0, 1]],
+        dtype=torch.float64,
+    )
     w_before = w.clone()
     alpha = _alpha_step(x.T @ x, x.T @ r, w, torch.ones(4, dtype=torch.float64))
     assert bool((alpha > 0).all())
@@ -163,9 +167,13 @@ def test_z_step_equals_brute_force_over_a_fine_grid(lam, bits, eps):
     assert bool((brute_min <= ours + tol).all()), "the z step is worse than the grid optimum"
 
     # Q(z) agrees with the grid argmin wherever the best bin is not a near tie
-    per_code = torch.stack([
-        torch.where(grid_codes == k, brute, torch.full_like(brute, math.inf)).min(1).values
-        for k in range(2**bits)], dim=1)
+    per_code = torch.stack(
+        [
+            torch.where(grid_codes == k, brute, torch.full_like(brute, math.inf)).min(1).values
+            for k in range(2**bits)
+        ],
+        dim=1,
+    )
     two = per_code.topk(2, dim=1, largest=False).values
     clear = (two[:, 1] - two[:, 0]) > 2 * tol + 1e-5
     assert float(clear.float().mean()) > 0.8
@@ -186,8 +194,9 @@ def test_z_step_keeps_the_margin_inside_the_bin(margin):
     below_top = codes < len(edges)
     assert bool((z[below_top] <= edges[codes[below_top]] - delta + 1e-6).all())
     # an element that already sits deep inside its target bin is left where it is
-    deep = (problem.codes_of(pre) == problem.target_codes) & (problem.codes_of(pre - delta) ==
-                                                               problem.codes_of(pre + delta))
+    deep = (problem.codes_of(pre) == problem.target_codes) & (
+        problem.codes_of(pre - delta) == problem.codes_of(pre + delta)
+    )
     assert bool(deep.any())
     assert torch.equal(z[deep], pre[deep])
 

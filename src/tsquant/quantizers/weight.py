@@ -116,20 +116,28 @@ def quantize_to_grid(
         return ternarize(weight)
     w = weight.detach().reshape(weight.shape[0], -1).double()
     max_abs = w.abs().amax(dim=1).clamp_min(1e-12)
-    fractions = torch.linspace(0.05, 1.0, search_points, dtype=w.dtype, device=w.device)
-    best_err = torch.full_like(max_abs, float("inf"))
-    best_alpha = max_abs / grid.high
-    for f in fractions:
-        alpha = max_abs * f / grid.high
-        codes = grid.round(w / alpha[:, None])
-        # closed-form alpha for these codes, then the error it gives
-        denom = (codes * codes).sum(1).clamp_min(1e-12)
-        alpha_ls = (w * codes).sum(1) / denom
-        err = ((w - alpha_ls[:, None] * codes) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_alpha = torch.where(better, alpha_ls, best_alpha)
-    codes = grid.round(w / best_alpha[:, None])
+
+    def scan(fractions):
+        """Best scan scale per channel (codes = round(w / scale), then least-squares alpha)."""
+        best_err = torch.full_like(max_abs, float("inf"))
+        best_scale = max_abs / grid.high
+        for f in fractions:
+            scale = max_abs * f / grid.high
+            codes = grid.round(w / scale[:, None])
+            alpha_ls = (w * codes).sum(1) / (codes * codes).sum(1).clamp_min(1e-12)
+            err = ((w - alpha_ls[:, None] * codes) ** 2).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+        return best_scale
+
+    # the best scale may leave the top level unused, hence fractions above 1
+    coarse = torch.linspace(0.05, 1.5, search_points, dtype=w.dtype)
+    spacing = float(coarse[1] - coarse[0])
+    best = scan(coarse)
+    fine = torch.linspace(-spacing, spacing, 41, dtype=w.dtype)
+    best = scan([(best * grid.high / max_abs) + t for t in fine])
+    codes = grid.round(w / best[:, None])
     alpha = (w * codes).sum(1) / (codes * codes).sum(1).clamp_min(1e-12)
     return codes.to(grid.code_dtype), alpha.to(torch.float32)
 

@@ -1,0 +1,176 @@
+"""Step 2 over a whole model: tsquant.transform (TSQ-METHOD.md, "Step 2" and the [choice] list)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tsquant
+from tsquant import QuantizedConv2d, QuantizedLinear, SparseQuantizer, TransformConfig
+from tsquant.models import build_model
+from tsquant.surgery import check_weights_on_grid
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def calibration(shape, batches, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=gen), torch.zeros(shape[0])) for _ in range(batches)]
+
+
+def with_bn_statistics(model, loader):
+    """A few train-mode passes so the BNs hold the statistics of the calibration data."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    return model.eval()
+
+
+def step1_model(name, loader, **kwargs):
+    model = with_bn_statistics(build_model(name, **kwargs), loader)
+    return with_bn_statistics(tsquant.prepare_step1(model), loader)
+
+
+def quantized_layers(model):
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, QuantizedConv2d | QuantizedLinear)
+    }
+
+
+def check_quantized_model(
+    model_q, step1, loader, expected_quantized, first, last, codes=(-1, 0, 1)
+):
+    layers = quantized_layers(model_q)
+    assert set(layers) == set(expected_quantized)
+    for name, module in layers.items():
+        alpha = module.alpha.detach().reshape(-1, *([1] * (module.weight.dim() - 1)))
+        rebuilt = module.weight_codes.float() * alpha
+        assert torch.equal(module.weight.detach(), rebuilt), name  # exactly codes * alpha
+        assert set(module.weight_codes.unique().tolist()) <= set(codes), name
+        assert bool((module.alpha > 0).all()), name
+    assert check_weights_on_grid(model_q)
+    assert type(model_q.get_submodule(first)) is nn.Conv2d  # first layer stays FP
+    assert type(model_q.get_submodule(last)) is nn.Linear  # last layer stays FP
+    assert torch.equal(model_q.get_submodule(first).weight, step1.get_submodule(first).weight)
+    assert not quantized_layers(step1)  # the step-1 model is not modified
+    with torch.no_grad():
+        for x, _ in loader:
+            out = model_q(x)
+            assert out.shape == step1(x).shape
+            assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_small_cnn_sequential_and_parallel(mode):
+    loader = calibration((8, 1, 12, 12), batches=3)
+    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    reference = copy.deepcopy(step1)
+    report = []
+    cfg = TransformConfig(mode=mode, iters=3, positions_per_image=8, verbose=False)
+    model_q = tsquant.transform(step1, loader, cfg, report=report)
+    expected = ["conv2.conv", "conv3.conv", "conv4.conv"]
+    check_quantized_model(model_q, step1, loader, expected, "conv1.conv", "classifier")
+    # quantized layers absorbed their BN; the quantizers of step 1 are kept
+    for block in ("conv2", "conv3", "conv4"):
+        assert isinstance(model_q.get_submodule(f"{block}.bn"), nn.Identity)
+    assert isinstance(model_q.conv1.bn, nn.BatchNorm2d)
+    assert isinstance(model_q.conv2.relu, SparseQuantizer)
+    for a, b in zip(step1.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [row["layer"] for row in report] == expected
+    assert all(row["rows"] == 3 * 8 * 8 for row in report)
+    coded = [row for row in report if row["kind"] == "coded"]
+    assert len(coded) == 2  # conv4 feeds the FP head ReLU: it is fitted to its BN output
+    for row in coded:
+        assert 0.0 <= row["agreement"] <= 1.0
+        assert 0.0 <= row["agreement_init"] <= 1.0
+        assert len(row["history"]) >= 2
+    for row in report:
+        if row["kind"] != "coded":
+            assert row["relative_error"] >= 0 and row["relative_error"] < float("inf")
+
+
+def test_quantize_first_and_last_layer_with_two_bit_weights():
+    loader = calibration((8, 1, 12, 12), batches=2, seed=1)
+    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    cfg = TransformConfig(
+        weight_bits=2,
+        iters=2,
+        positions_per_image=8,
+        verbose=False,
+        first_layer="quantize",
+        last_layer="quantize",
+    )
+    report = []
+    model_q = tsquant.transform(step1, loader, cfg, report=report)
+    layers = quantized_layers(model_q)
+    assert set(layers) == {"conv1.conv", "conv2.conv", "conv3.conv", "conv4.conv", "classifier"}
+    for module in layers.values():
+        assert set(module.weight_codes.unique().tolist()) <= {-3, -1, 1, 3}
+    assert len(report) == 5
+    with torch.no_grad():
+        assert bool(torch.isfinite(model_q(loader[0][0])).all())
+
+
+def test_residual_model_sequential():
+    loader = calibration((4, 3, 8, 8), batches=2, seed=2)
+    step1 = step1_model("resnet20", loader, image_size=8, width=4)
+    report = []
+    cfg = TransformConfig(mode="sequential", iters=3, positions_per_image=8, verbose=False)
+    model_q = tsquant.transform(step1, loader, cfg, report=report)
+    convs = [n for n, m in step1.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0] == "stem.conv" and len(convs) == 19
+    check_quantized_model(model_q, step1, loader, convs[1:], "stem.conv", "classifier")
+    assert [row["layer"] for row in report] == convs[1:]
+    for row in report:
+        if row["kind"] == "coded":
+            assert 0.0 <= row["agreement"] <= 1.0
+
+
+def test_empty_calibration_loader_raises():
+    loader = calibration((4, 1, 12, 12), batches=1)
+    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    with pytest.raises(ValueError, match="no images"):
+        tsquant.transform(step1, [], TransformConfig(iters=1, verbose=False))
+
+
+def test_bad_transform_options():
+    with pytest.raises(ValueError, match="mode"):
+        TransformConfig(mode="both")
+    with pytest.raises(ValueError, match="first_layer"):
+        TransformConfig(first_layer="ternary")
+    with pytest.raises(ValueError, match="positions_per_image"):
+        TransformConfig(positions_per_image=0)
+    with pytest.raises(ValueError, match="weight format"):
+        TransformConfig(weight_bits="binary")
+    with pytest.raises(ValueError, match="lam"):
+        TransformConfig(lam=0.0)
+
+
+def test_sequential_mode_feeds_the_quantized_network_forward():
+    """Both modes see the same input at the first quantized layer (after the FP first layer);
+    from the second on, sequential mode regresses on the outputs of already quantized layers."""
+    loader = calibration((8, 1, 12, 12), batches=2, seed=3)
+    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    models = {}
+    for mode in ("sequential", "parallel"):
+        cfg = TransformConfig(mode=mode, iters=3, positions_per_image=8, verbose=False)
+        models[mode] = tsquant.transform(step1, loader, cfg)
+    seq, par = models["sequential"].conv2.conv, models["parallel"].conv2.conv
+    assert torch.equal(seq.weight, par.weight) and torch.equal(seq.bias, par.bias)
+    seq, par = models["sequential"].conv3.conv, models["parallel"].conv3.conv
+    assert not (torch.equal(seq.alpha, par.alpha) and torch.equal(seq.bias, par.bias))
