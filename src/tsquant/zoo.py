@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tsquant.zoo", description=__doc__.splitlines()[0]
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="action", required=True)
     p_add = sub.add_parser("add", help="add a finished run's FP checkpoint to the zoo")
     p_add.add_argument("run_dir")
     p_add.add_argument("name")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("verify", help="check every zoo file against its sha256")
     args = parser.parse_args(argv)
     try:
-        if args.command == "add":
+        if args.action == "add":
             print(add(Path(args.run_dir), args.name, args.command))
             return 0
         bad = verify()

@@ -63,6 +63,7 @@ class Context:
             augment=cfg_train.augment,
             seed=self.cfg.seed,
             drop_last=True,
+            channels_last=self.cfg.data.channels_last,
         )
 
     def test_loader(self) -> BatchLoader:
@@ -125,6 +126,8 @@ class Context:
 
 def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
     start = time.time()
+    if ctx.cfg.data.channels_last:
+        model.to(memory_format=torch.channels_last)
     logs = train(
         model,
         ctx.train_loader(cfg_train),
