@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--calib", type=int, default=None, help="calibration images")
     parser.add_argument("--mode", default=None, help="sequential or parallel")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--set", action="append", default=[], help="one solver setting per row")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
@@ -45,6 +46,7 @@ def main() -> None:
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
     if args.calib:
         cfg.transform.calib_images = args.calib
+    cfg.threads = args.threads
     ctx = Context(cfg)
     step1 = ctx.load("codes", ctx.step1_model())
     test, calib = ctx.test_loader(), ctx.calib_loader()

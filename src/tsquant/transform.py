@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid
@@ -224,7 +225,8 @@ def transform(
     gen = torch.Generator().manual_seed(cfg.seed)
     grid = WeightGrid.from_spec(cfg.weight_bits)
     total = time.perf_counter()
-    for index, layer in enumerate(todo, 1):
+    bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
+    for index, layer in enumerate(bar, 1):
         start = time.perf_counter()
         source = quantized if cfg.mode == "sequential" else step1
         activation = step1.get_submodule(layer.activation) if layer.activation else None
@@ -265,11 +267,10 @@ def transform(
                 else (sol.relative_error_init, sol.relative_error)
             )
             metric = "agree" if coded else "rel.err"
-            print(
+            tqdm.write(
                 f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.shape[0]}x{X.shape[1]}->{Y.shape[1]} "
                 f"{metric} {before:.4f} -> {after:.4f}  "
-                f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s",
-                flush=True,
+                f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s"
             )
         del X, Y, offset
     if cfg.verbose:
