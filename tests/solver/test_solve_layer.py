@@ -70,7 +70,7 @@ def test_planted_problem_on_non_negative_code_inputs():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="SOLVER WEAKNESS (see report): on non-negative code inputs the default solver stops "
+    reason="known solver weakness (single-coordinate w steps rarely move on discrete grids; tracked in the solver issue): on non-negative code inputs the default solver stops "
     "at ~95-97 % code agreement although an exact (100 %) ternary solution exists",
 )
 def test_planted_problem_on_non_negative_code_inputs_is_solved_exactly():
@@ -110,7 +110,7 @@ def test_planted_problem_from_an_init_and_a_bias():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="SOLVER WEAKNESS (see report): from an init with ~10 % "
+    reason="known solver weakness (single-coordinate w steps rarely move on discrete grids; tracked in the solver issue): from an init with ~10 % "
     "wrong codes the w step makes (almost) no change and the loop stops after 2 "
     "alternations; only alpha/bias move",
 )
