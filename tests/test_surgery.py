@@ -11,15 +11,6 @@ import tsquant
 from tsquant import SparseQuantizer, SurgeryError, analyse, prepare_step1
 from tsquant.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 MODELS = {
     # name: (build kwargs, input shape, the ReLU that only feeds the classifier)
     "small_cnn": (dict(in_channels=1, image_size=28), (2, 1, 28, 28), "conv4.relu"),

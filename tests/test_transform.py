@@ -14,14 +14,6 @@ from tsquant.models import build_model
 from tsquant.surgery import check_weights_on_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def calibration(shape, batches, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(*shape, generator=gen), torch.zeros(shape[0])) for _ in range(batches)]

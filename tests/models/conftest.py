@@ -156,15 +156,3 @@ def check_tsq_conventions(model: nn.Module, classifier_name: str = "classifier")
 @pytest.fixture
 def check_conventions():
     return check_tsq_conventions
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run model tests single-threaded: the tensors are tiny and intra-op
-    threads only spin against other jobs on the shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

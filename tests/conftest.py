@@ -1,4 +1,4 @@
-"""Keep the tests of this folder on one thread: the machine's two cores are shared."""
+"""Run every test on one thread: the tensors are small and the two cores are shared."""
 
 import pytest
 import torch
