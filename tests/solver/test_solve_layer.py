@@ -68,11 +68,6 @@ def test_planted_problem_on_non_negative_code_inputs():
     assert sol.agreement > sol.agreement_init + 0.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known solver weakness (single-coordinate w steps rarely move on discrete grids; tracked in the solver issue): on non-negative code inputs the default solver stops "
-    "at ~95-97 % code agreement although an exact (100 %) ternary solution exists",
-)
 def test_planted_problem_on_non_negative_code_inputs_is_solved_exactly():
     x, y, w, _ = planted_on_codes(seed=0)
     sol = solve_layer(x, y, QUANTIZER)

@@ -11,8 +11,10 @@ Pure tensor math: no module, no model. ``offset`` is the known residual shortcut
 Two variants:
 - ``paper``: the plain alternation of the spec (z may sit exactly on a bin edge, bias fixed).
 - ``tsquant`` (default): z kept ``margin * d`` inside its bin, bias updated in closed form,
-  lam grown geometrically so the relaxation tightens, and a final per-channel refinement of
-  alpha and bias on the true objective ||y - Q(p)||^2. See docs in README ("Solver variants").
+  lam grown geometrically so the relaxation tightens, alpha and bias re-fitted after every w
+  step on the squared distance of p to the target bins (convex, Newton), the best iterate on
+  the true objective kept, and a final per-channel search of alpha and bias on the true
+  objective ||y - Q(p)||^2. README, "Step 2: the solver and its two variants", has the figures.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .statistics import cross, gram, row_chunks
 @dataclass(frozen=True)
 class SolverConfig:
     weight_bits: str | int = "ternary"
-    lam: float = 1.0
+    lam: float = 3.0
     iters: int = 20
     variant: str = "tsquant"  # "tsquant" or "paper"
     cd_sweeps: int = 4  # coordinate-descent sweeps per w step (early stop when nothing changes)
@@ -50,7 +52,7 @@ class SolverConfig:
         if self.variant not in ("tsquant", "paper"):
             raise ValueError(f"solver variant must be 'tsquant' or 'paper', got {self.variant!r}")
         if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam > 0):
-            raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}: try lam=1.0")
+            raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}: try lam=3.0")
         if not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"iters must be an integer >= 0, got {self.iters!r}")
         if not 0 <= self.margin < 0.5:
