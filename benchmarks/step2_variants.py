@@ -56,17 +56,27 @@ def main() -> None:
     print("| setting | mean agreement | top-1 (%) | step-2 time (s) |\n|---|---|---|---|")
     for text in rows:
         solver = {**asdict(SolverConfig()), **parse_row(text)}
-        tcfg = TransformConfig(weight_bits=t.weight_bits, mode=args.mode or t.mode,
-                               lam=solver["lam"], iters=solver["iters"], variant=solver["variant"],
-                               positions_per_image=t.positions_per_image, seed=cfg.seed,
-                               verbose=False, solver=SolverConfig(**solver))
+        tcfg = TransformConfig(
+            weight_bits=t.weight_bits,
+            mode=args.mode or t.mode,
+            lam=solver["lam"],
+            iters=solver["iters"],
+            variant=solver["variant"],
+            positions_per_image=t.positions_per_image,
+            seed=cfg.seed,
+            verbose=False,
+            solver=SolverConfig(**solver),
+        )
         report: list[dict] = []
         start = time.perf_counter()
         model = transform(step1, calib, tcfg, report=report)
         wall = time.perf_counter() - start
         coded = [r["agreement"] for r in report if r["kind"] == "coded"]
-        print(f"| {text or 'tsquant default'} | {sum(coded) / len(coded):.4f} | "
-              f"{evaluate(model, test):.2f} | {wall:.1f} |", flush=True)
+        print(
+            f"| {text or 'tsquant default'} | {sum(coded) / len(coded):.4f} | "
+            f"{evaluate(model, test):.2f} | {wall:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

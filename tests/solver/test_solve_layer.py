@@ -103,12 +103,6 @@ def test_planted_problem_from_an_init_and_a_bias():
     assert float((sol.weight_codes.float() == w).float().mean()) >= 0.95
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known solver weakness (single-coordinate w steps rarely move on discrete grids; tracked in the solver issue): from an init with ~10 % "
-    "wrong codes the w step makes (almost) no change and the loop stops after 2 "
-    "alternations; only alpha/bias move",
-)
 def test_alternation_repairs_wrong_codes_of_a_noisy_init():
     init_ok, final_ok = [], []
     for seed in range(5):

@@ -41,7 +41,9 @@ class DataConfig:
     batch_size: int = opt(128, "training batch size")
     eval_batch_size: int = opt(500, "evaluation batch size")
     download: bool = opt(False, "download the dataset when it is not found (needs a network)")
-    channels_last: bool = opt(True, "channels-last memory format for training (faster convs on CPU)")
+    channels_last: bool = opt(
+        True, "channels-last memory format for training (faster convs on CPU)"
+    )
     train_subset: int | None = opt(None, "use only this many training images (quick runs)")
     test_subset: int | None = opt(None, "evaluate on only this many test images (quick runs)")
 

@@ -42,6 +42,11 @@ class SolverConfig:
     learn_bias: bool = True  # tsquant: closed-form bias step; paper keeps the BN bias
     fit_scale: bool = True  # tsquant: alpha/bias by the squared-hinge fit after each w step
     refine: bool = True  # tsquant: final alpha/bias search on the true objective
+    # tsquant, with an init: first alternations with z near its bin centre (small lam, wide
+    # margin), a target not anchored at the current pre-activation, so w steps repair codes
+    repair_iters: int = 6
+    repair_margin: float = 0.45
+    repair_lam: float = 0.3
     refine_points: int = 9
     refine_rounds: int = 2
     ridge: float = 1e-4  # relative ridge for the least-squares initialisation
@@ -65,7 +70,13 @@ class SolverConfig:
         """The paper variant switches every addition off."""
         if self.variant == "paper":
             return replace(
-                self, margin=0.0, lam_growth=1.0, learn_bias=False, fit_scale=False, refine=False
+                self,
+                margin=0.0,
+                lam_growth=1.0,
+                learn_bias=False,
+                fit_scale=False,
+                refine=False,
+                repair_iters=0,
             )
         return self
 
@@ -332,7 +343,16 @@ def solve_layer(
         }
     ]
     lam_now = cfg.lam
-    z, _ = problem.z_step(pre, lam_now, cfg.margin)
+    # the repair phase moves away from a given init; a least-squares start is already fitted
+    # to the bin centres, and polishing it directly does better (planted problems)
+    repairing = cfg.repair_iters > 0 and init is not None
+
+    def z_step(pre):
+        if repairing:  # z near the centre of its target bin: not anchored at the current p
+            return problem.z_step(pre, cfg.repair_lam, cfg.repair_margin)
+        return problem.z_step(pre, lam_now, cfg.margin)
+
+    z, _ = z_step(pre)
     best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
     still = 0
     for it in range(1, cfg.iters + 1):
@@ -350,7 +370,7 @@ def solve_layer(
         if cfg.fit_scale:
             alpha, bias = _fit_alpha_bias(problem, s, alpha, bias, cfg.margin)
         pre = problem.pre_activation(s, alpha, bias)
-        z, zcost = problem.z_step(pre, lam_now, cfg.margin)
+        z, zcost = z_step(pre)
         err, agree = problem.true_error(pre)
         if float(err.sum()) < best[0]:
             best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
@@ -361,7 +381,7 @@ def solve_layer(
                 "true_error": float(err.sum()) / m,
                 "agreement": float(agree.sum()) / (m * c),
                 "changes": changes,
-                "lam": lam_now,
+                "lam": cfg.repair_lam if repairing else lam_now,
             }
         )
         if verbose:
@@ -371,6 +391,10 @@ def solve_layer(
                 f"agree {h['agreement']:.4f} changes {changes}"
             )
         still = still + 1 if changes == 0 else 0
+        if repairing and (still >= 2 or it >= cfg.repair_iters):
+            repairing, still = False, 0  # repair phase over: polish with the tight relaxation
+            z, _ = z_step(pre)
+            continue
         if still >= 2:
             break  # w has not moved for two alternations: the iterate is (close to) a fixed point
         lam_now *= cfg.lam_growth
