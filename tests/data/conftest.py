@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tsquant.data import CIFAR10_CLASSES
+
 IDX_CODES = {"uint8": 0x08, "int8": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
 
 
@@ -67,23 +69,7 @@ def write_cifar_bin(root: Path, per_batch: int = 3) -> Path:
         data, labels = cifar_arrays(per_batch, seed=i)
         rec = np.concatenate([labels.astype(np.uint8)[:, None], data], axis=1)
         (d / name).write_bytes(rec.tobytes())
-    (d / "batches.meta.txt").write_text(
-        "\n".join(
-            [
-                "airplane",
-                "automobile",
-                "bird",
-                "cat",
-                "deer",
-                "dog",
-                "frog",
-                "horse",
-                "ship",
-                "truck",
-            ]
-        )
-        + "\n\n"
-    )
+    (d / "batches.meta.txt").write_text("\n".join(CIFAR10_CLASSES) + "\n\n")
     return d
 
 
