@@ -31,6 +31,7 @@ from .checkpoints import (
 from .config import RunConfig
 
 STAGES = ("train", "codes", "transform", "finetune", "eval", "report")
+CHECKPOINTED = ("train", "codes", "transform", "finetune")  # stages whose result is a model
 
 
 class Context:
@@ -278,7 +279,7 @@ RUNNERS = {
 
 def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
     ctx = Context(cfg)
-    if force and stage in ("train", "codes", "transform", "finetune") and ctx.done(stage):
+    if force and stage in CHECKPOINTED and ctx.done(stage):
         shutil.rmtree(ctx.stage_dir(stage))  # re-run alone: start clean (resume files too)
     RUNNERS[stage](ctx)
 
@@ -288,7 +289,7 @@ def run_all(cfg: RunConfig) -> None:
     ctx = Context(cfg)
     save_json(ctx.run_dir / "config.json", asdict(cfg))
     for stage in STAGES:
-        if stage in ("train", "codes", "transform", "finetune") and ctx.done(stage):
+        if stage in CHECKPOINTED and ctx.done(stage):
             print(f"[run] {stage}: done, skipped", flush=True)
             continue
         print(f"[run] {stage}", flush=True)

@@ -202,6 +202,13 @@ def _alpha_step(gram_matrix, b, weights_t, alpha):
     return torch.where(ok, new_alpha.abs().clamp_min(1e-12), alpha)
 
 
+def _ridge_solve(gram_matrix, rhs, relative_ridge: float):
+    """Least-squares weights (A + r I)^-1 rhs with r relative to the mean diagonal of A."""
+    ridge = relative_ridge * gram_matrix.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram_matrix.shape[0], dtype=gram_matrix.dtype, device=gram_matrix.device)
+    return torch.linalg.solve(gram_matrix + ridge * eye, rhs)
+
+
 def _initial_weights(problem: _Problem, init, bias, grid, config, c):
     if init is not None:
         codes, alpha = quantize_to_grid(init.reshape(c, -1), grid)
@@ -214,9 +221,7 @@ def _initial_weights(problem: _Problem, init, bias, grid, config, c):
     if problem.offset is not None:
         r = r - problem.offset
     rhs = cross(problem.x, r, config.chunk_rows)
-    ridge = config.ridge * problem.gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(problem.gram.shape[0], dtype=torch.float64, device=problem.gram.device)
-    w_ls = torch.linalg.solve(problem.gram + ridge * eye, rhs)  # (n, c)
+    w_ls = _ridge_solve(problem.gram, rhs, config.ridge)  # (n, c)
     codes, alpha = quantize_to_grid(w_ls.T, grid)
     return codes.double().T.contiguous(), alpha.double()
 
@@ -461,11 +466,7 @@ def solve_linear_layer(
         else bias.double().clone()
     )
     if init is None:
-        eye = torch.eye(X.shape[1], dtype=torch.float64, device=X.device)
-        ridge = cfg.ridge * stats.gram.diagonal().mean().clamp_min(1e-12)
-        init = torch.linalg.solve(
-            stats.gram + ridge * eye, cross(X, target - bias, cfg.chunk_rows)
-        ).T
+        init = _ridge_solve(stats.gram, cross(X, target - bias, cfg.chunk_rows), cfg.ridge).T
     codes, alpha = quantize_to_grid(init.reshape(c, -1), grid)
     weights_t, alpha = codes.double().T.contiguous(), alpha.double()
 
