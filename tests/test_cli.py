@@ -122,6 +122,14 @@ def test_tiny_end_to_end_run(tmp_path, tiny_fmnist, capsys):
     assert "activations.png" in report and (run / "report" / "solver.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "| tsq | ternary | 2 |" in out
+    # export: integer model + ONNX, checked on the whole (tiny) test set
+    verified = json.loads((run / "export" / "verify.json").read_text())
+    assert verified["source_stage"] == "finetune" and verified["test_images"] == 128
+    assert verified["int_vs_fakequant_disagreements"] == 0
+    assert verified["onnx_vs_int_disagreements"] == 0
+    assert verified["int_top1"] == verified["torch_top1"] == rows[-1]["top1"]
+    assert (run / "export" / "model.onnx").stat().st_size > 0
+    assert "tsquant model card" in out
     # a second `run` skips the finished stages
     assert main(args) == 0
     out = capsys.readouterr().out

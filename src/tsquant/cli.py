@@ -16,6 +16,7 @@ STAGE_HELP = {
     "transform": "step 2: learn low-bit weights layer by layer (no SGD)",
     "finetune": "optional short STE fine-tune of the quantized model",
     "eval": "evaluate every finished stage on the test set and print the table",
+    "export": "write the integer model (packed codes), ONNX and model card; verify them",
     "report": "write the Markdown report with plots",
     "run": "run all stages that are not done yet (an interrupted stage resumes)",
 }

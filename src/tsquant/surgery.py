@@ -76,7 +76,8 @@ class Layer:
     last: bool = False
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """The model as an fx graph whose leaves are the modules tsquant understands."""
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
             return isinstance(
@@ -112,7 +113,7 @@ def analyse(model: nn.Module) -> list[Layer]:
 
     Raises SurgeryError listing every unsupported module or activation by qualified name.
     """
-    gm = _trace(model)
+    gm = trace(model)
     nodes = list(gm.graph.nodes)
     problems = []
     for node in nodes:
@@ -207,7 +208,7 @@ def analyse(model: nn.Module) -> list[Layer]:
 
 def _head_input_activations(model: nn.Module, layers: list[Layer]) -> set[str]:
     """Activations whose output only reaches the last layer (through pooling/flatten)."""
-    gm = _trace(model)
+    gm = trace(model)
     head = layers[-1].name
     found = set()
     for node in gm.graph.nodes:
@@ -370,6 +371,7 @@ __all__ = [
     "quantizable_layers",
     "bn_affine",
     "sparse_quantizers",
+    "trace",
     "check_weights_on_grid",
     "quantized_skeleton",
 ]

@@ -104,6 +104,15 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass
+class ExportConfig:
+    onnx: bool = opt(True, "also write model.onnx (integer ConvInteger/MatMulInteger encoding)")
+    verify_images: int | None = opt(
+        None, "test images for the int/ONNX vs PyTorch check (default: all; 0 skips it)"
+    )
+    card_images: int = opt(256, "test images on which the model card measures activation zeros")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "run name (the folder under out_dir)")
     out_dir: str = opt("runs", "where run folders are written")
@@ -124,6 +133,9 @@ class RunConfig:
         default_factory=TransformStageConfig, metadata={"help": "step 2"}
     )
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "fine-tune"})
+    export: ExportConfig = field(
+        default_factory=ExportConfig, metadata={"help": "export and verification"}
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -221,6 +233,8 @@ def validate(config, prefix: str = "") -> None:
         "lr": lambda v: math.isfinite(v) and v > 0,
         "batch_size": lambda v: v >= 1,
         "calib_images": lambda v: v >= 1,
+        "verify_images": lambda v: v >= 0,
+        "card_images": lambda v: v >= 1,
         "positions_per_image": lambda v: v >= 1,
         "mode": lambda v: v in ("sequential", "parallel"),
         "variant": lambda v: v in ("tsquant", "paper"),

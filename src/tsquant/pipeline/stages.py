@@ -30,7 +30,7 @@ from .checkpoints import (
 )
 from .config import RunConfig
 
-STAGES = ("train", "codes", "transform", "finetune", "eval", "report")
+STAGES = ("train", "codes", "transform", "finetune", "eval", "export", "report")
 CHECKPOINTED = ("train", "codes", "transform", "finetune")  # stages whose result is a model
 
 
@@ -261,6 +261,59 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def final_stage(ctx: Context) -> str:
+    """The stage holding the quantized model to deploy: finetune unless it was skipped."""
+    if ctx.done("finetune") and not load_json(ctx.stage_dir("finetune") / "meta.json").get("skipped"):
+        return "finetune"
+    return "transform"
+
+
+def stage_export(ctx: Context) -> dict:
+    """Integer export + ONNX + model card, verified against the fake-quant model."""
+    from ..export import export_model, format_card, load_export, model_card
+    from ..export.onnx_export import onnx_session, to_onnx
+    from ..export.verify import verify
+
+    source = final_stage(ctx)
+    model = ctx.load(source, ctx.tsq_model()).cpu().eval()
+    test = ctx.dataset("test")
+    h, w, c = test.image_shape
+    out = ctx.stage_dir("export")
+    source_path = ctx.stage_dir(source) / "model.safetensors"
+    info = {
+        "model": ctx.cfg.model.name,
+        "dataset": test.title or test.name,
+        "source": {"stage": source, "path": str(source_path), "sha256": sha256_of(source_path)},
+        "num_classes": test.num_classes,
+    }
+    export_model(model, out, [c, h, w], info)
+    exported = load_export(out)  # what a user will load: the check runs on the file, not memory
+    sample_n = min(ctx.cfg.export.card_images, len(test))
+    sample = next(iter(BatchLoader(test.subset(sample_n, seed=ctx.cfg.seed), sample_n)))[0]
+    card = model_card(exported, out, sample.contiguous().float())
+    print(format_card(card), flush=True)
+    session = None
+    if ctx.cfg.export.onnx:
+        session = onnx_session(to_onnx(exported, out / "model.onnx"))
+    row = {"model": ctx.cfg.model.name, "dataset": info["dataset"], "source_stage": source}
+    n = ctx.cfg.export.verify_images
+    if n != 0:
+        data = test if n is None or n >= len(test) else test.subset(n, seed=ctx.cfg.seed)
+        row.update(verify(model, exported, BatchLoader(data, ctx.cfg.data.eval_batch_size), session))
+        print(
+            f"[export] {row['test_images']} test images: torch {row['torch_top1']:.2f}% | "
+            f"int {row['int_top1']:.2f}% | onnx {row['onnx_top1'] if session else 'n/a'} | "
+            f"int vs torch prediction disagreements {row['int_vs_fakequant_disagreements']} "
+            f"(vs float64 torch: {row['int_vs_fakequant64_disagreements']}), "
+            f"code mismatches {row['code_mismatches_float32']} of {row['codes_compared']:,}",
+            flush=True,
+        )
+    row.update({k: card[k] for k in ("size_bytes", "fp32_size_bytes", "zero_weight_fraction")})
+    save_json(out / "card.json", card)
+    save_json(out / "verify.json", row)
+    return row
+
+
 def stage_report(ctx: Context) -> Path:
     from ..report import write_report
 
@@ -273,6 +326,7 @@ RUNNERS = {
     "transform": stage_transform,
     "finetune": stage_finetune,
     "eval": stage_eval,
+    "export": stage_export,
     "report": stage_report,
 }
 

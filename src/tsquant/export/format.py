@@ -1,0 +1,137 @@
+"""The export format: ``model.safetensors`` (packed codes, scales, biases, FP layers) and
+``manifest.json`` (graph, shapes, bit widths, version, hashes). Loading needs no pickle and
+checks the tensor file against the manifest's sha256, so a tampered or truncated file is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..pipeline.checkpoints import save_json, save_tensors, sha256_of
+from .graph import ExportError, build_graph, check_graph, quantized_nodes
+from .packing import PackingError, grid_bits, pack_codes, unpack_codes
+
+FORMAT = "tsquant-export"
+FORMAT_VERSION = 1
+TENSOR_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class ExportedModel:
+    manifest: dict
+    nodes: list[dict]
+    tensors: dict[str, torch.Tensor]  # codes unpacked to int8
+
+    @property
+    def input_shape(self) -> list[int]:
+        return self.manifest["input_shape"]
+
+
+def export_model(
+    model: torch.nn.Module, out_dir: Path, input_shape: list[int], info: dict | None = None
+) -> ExportedModel:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/manifest.json`` (manifest last)."""
+    model = model.eval()
+    nodes, tensors = build_graph(model)
+    stored = dict(tensors)
+    shapes = {}
+    for node in quantized_nodes(nodes):
+        key = node["tensors"]["codes"]
+        codes = tensors[key]
+        a = node["attrs"]
+        a.update(
+            {
+                "codes_shape": list(codes.shape),
+                "codes_bits": grid_bits(a["low"], a["high"], a["spacing"]),
+            }
+        )
+        stored[key] = pack_codes(codes, a["low"], a["high"], a["spacing"])
+    for key, value in stored.items():
+        shapes[key] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+    out_dir = Path(out_dir)
+    save_tensors(out_dir / TENSOR_FILE, stored, {"format": FORMAT})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tsquant": __version__,
+        "input_shape": [int(v) for v in input_shape],
+        "graph": nodes,
+        "tensors": shapes,
+        "tensor_file": TENSOR_FILE,
+        "tensor_sha256": sha256_of(out_dir / TENSOR_FILE),
+        **(info or {}),
+    }
+    save_json(out_dir / MANIFEST_FILE, manifest)
+    return ExportedModel(manifest, nodes, tensors)
+
+
+def _manifest_path(path: Path) -> Path:
+    path = Path(path)
+    return path / MANIFEST_FILE if path.is_dir() else path
+
+
+def load_export(path: Path) -> ExportedModel:
+    """Load an export folder (or its manifest.json), verifying hash, shapes and graph."""
+    manifest_path = _manifest_path(path)
+    if not manifest_path.is_file():
+        raise ExportError(
+            f"no export at {path}: expected {MANIFEST_FILE}; run `tsquant export` first"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(
+            f"{manifest_path} is not valid JSON ({exc}): re-export the model"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{manifest_path} is not a tsquant export manifest: re-export the model")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{manifest_path} has format version {manifest.get('format_version')}, this tsquant "
+            f"reads {FORMAT_VERSION}: export again with this version"
+        )
+    tensor_path = manifest_path.parent / manifest.get("tensor_file", TENSOR_FILE)
+    if not tensor_path.is_file():
+        raise ExportError(f"{tensor_path} is missing: copy it beside {manifest_path.name}")
+    digest = sha256_of(tensor_path)
+    if digest != manifest.get("tensor_sha256"):
+        raise ExportError(
+            f"{tensor_path} does not match its manifest (sha256 {digest[:12]}... vs "
+            f"{str(manifest.get('tensor_sha256'))[:12]}...): the file was modified or truncated; "
+            "re-export or copy it again"
+        )
+    try:
+        stored = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ExportError(
+            f"{tensor_path} is not a readable safetensors file ({exc}): re-export"
+        ) from None
+    expected = manifest.get("tensors", {})
+    for key, spec in expected.items():
+        if key not in stored or list(stored[key].shape) != spec["shape"]:
+            raise ExportError(
+                f"tensor {key} is missing or has the wrong shape: re-export the model"
+            )
+    nodes = manifest["graph"]
+    tensors = dict(stored)
+    try:
+        for node in quantized_nodes(nodes):
+            a = node["attrs"]
+            key = node["tensors"]["codes"]
+            tensors[key] = unpack_codes(
+                stored[key], tuple(a["codes_shape"]), a["low"], a["high"], a["spacing"]
+            )
+    except (PackingError, KeyError) as exc:
+        raise ExportError(
+            f"packed weight codes are inconsistent ({exc}): re-export the model"
+        ) from None
+    check_graph(nodes, tensors)
+    return ExportedModel(manifest, nodes, tensors)
