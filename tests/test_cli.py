@@ -1,39 +1,12 @@
 """The CLI: --help, errors, and one tiny end-to-end run on a synthetic Fashion-MNIST."""
 
-import gzip
 import json
-import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from tsquant.cli import main
-
-
-def write_idx(path, array):
-    dims = array.shape
-    header = struct.pack(">HBB", 0, 0x08, len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def tiny_fmnist(tmp_path, monkeypatch):
-    """Two easy classes of 28x28 images (bright top half vs bright bottom half) + noise."""
-    monkeypatch.setenv("TSQUANT_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    for prefix, n in (("train", 256), ("t10k", 128)):
-        labels = rng.integers(0, 2, n)
-        images = rng.integers(0, 60, (n, 28, 28))
-        for i, label in enumerate(labels):
-            images[i, (0 if label == 0 else 14) : (14 if label == 0 else 28)] += 150
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
 
 
 def test_help_lists_stages_and_options(capsys):
@@ -82,36 +55,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, fragment):
     assert fragment in err
 
 
-def test_tiny_end_to_end_run(tmp_path, tiny_fmnist, capsys):
-    args = [
-        "run",
-        "--set",
-        f"out_dir={tmp_path / 'runs'}",
-        "--set",
-        "name=tiny",
-        "--set",
-        f"data.root={tiny_fmnist}",
-        "--set",
-        "data.batch_size=32",
-        "--set",
-        "data.eval_batch_size=64",
-        "--set",
-        "train.epochs=3",
-        "--set",
-        "train.lr=0.02",
-        "--set",
-        "codes.epochs=1",
-        "--set",
-        "finetune.epochs=1",
-        "--set",
-        "transform.calib_images=64",
-        "--set",
-        "transform.positions_per_image=8",
-        "--set",
-        "transform.iters=3",
-        "--set",
-        "threads=1",
-    ]
+def test_tiny_end_to_end_run(tmp_path, tiny_run_args, capsys):
+    args = ["run", *tiny_run_args]
     assert main(args) == 0
     run = tmp_path / "runs" / "tiny"
     rows = json.loads((run / "eval" / "results.json").read_text())["rows"]

@@ -328,6 +328,16 @@ def write_back(model: nn.Module, layer: Layer, codes, alpha, bias, grid) -> None
         _set_module(model, layer.bn, nn.Identity())
 
 
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Raise SurgeryError naming the first parameter or buffer holding NaN/Inf."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SurgeryError(
+                f"{what} has NaN/Inf in '{name}': the checkpoint is broken (diverged training?); "
+                "retrain or use an earlier checkpoint"
+            )
+
+
 def sparse_quantizers(model: nn.Module) -> dict[str, SparseQuantizer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantizer)}
 
@@ -371,6 +381,7 @@ __all__ = [
     "quantizable_layers",
     "bn_affine",
     "sparse_quantizers",
+    "check_finite",
     "trace",
     "check_weights_on_grid",
     "quantized_skeleton",

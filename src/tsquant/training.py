@@ -18,13 +18,12 @@ from torch import nn
 from tqdm import tqdm
 
 from .pipeline.checkpoints import (
-    load_json,
+    load_tensor_meta,
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
     rng_from_tensors,
     rng_to_tensors,
-    save_json,
     save_tensors,
 )
 
@@ -101,30 +100,33 @@ def train(
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     epoch, batch, logs = 0, 0, []
-    resume_t, resume_j = work_dir / "resume.safetensors", work_dir / "resume.json"
-    if resume_t.exists() and resume_j.exists():
-        tensors, meta = load_tensors(resume_t), load_json(resume_j)
+    sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}  # this epoch's running figures
+    resume_t = work_dir / "resume.safetensors"  # one file: tensors + progress, atomically
+    meta = load_tensor_meta(resume_t) if resume_t.exists() else {}
+    if resume_t.exists() and "epoch" not in meta:
+        print(f"[{desc}] {resume_t} has no progress record (older tsquant): starting over", flush=True)
+    elif resume_t.exists():
+        tensors = load_tensors(resume_t)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
         rng_from_tensors(tensors)
         epoch, batch, logs = meta["epoch"], meta["batch"], meta["logs"]
+        sums = meta["sums"]
         print(f"[{desc}] resuming at epoch {epoch + 1} batch {batch}", flush=True)
 
-    def checkpoint(epoch_now: int, batch_now: int):
+    def checkpoint(epoch_now: int, batch_now: int, running: dict):
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors |= opt_tensors | rng_to_tensors()
-        save_tensors(resume_t, tensors)
-        save_json(
-            resume_j, {"epoch": epoch_now, "batch": batch_now, "logs": logs, "optimizer": opt_meta}
-        )
+        progress = {"epoch": epoch_now, "batch": batch_now, "logs": logs, "sums": running}
+        save_tensors(resume_t, tensors, {**progress, "optimizer": opt_meta})
 
     last_save = time.monotonic()
     while epoch < cfg.epochs:
         model.train()
         train_loader.set_epoch(epoch)
-        seen = correct = 0
-        loss_sum = 0.0
+        seen, correct, loss_sum = sums["seen"], sums["correct"], sums["loss_sum"]
+        sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}
         bar = _progress(
             train_loader.iter_from(batch),
             steps_per_epoch - batch,
@@ -153,7 +155,7 @@ def train(
                 loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}"
             )
             if time.monotonic() - last_save > cfg.checkpoint_seconds and batch < steps_per_epoch:
-                checkpoint(epoch, batch)
+                checkpoint(epoch, batch, {"seen": seen, "correct": correct, "loss_sum": loss_sum})
                 last_save = time.monotonic()
         bar.close()
         log = {
@@ -174,7 +176,7 @@ def train(
             flush=True,
         )
         epoch, batch = epoch + 1, 0
-        checkpoint(epoch, batch)
+        checkpoint(epoch, batch, sums)
         last_save = time.monotonic()
     return logs
 

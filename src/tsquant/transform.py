@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
-from .surgery import Layer, analyse, bn_affine, quantizable_layers, write_back
+from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
 
 
 @dataclass
@@ -108,6 +108,12 @@ class _Capture:
             self.model(x)
         except _Stop:
             pass
+        except RuntimeError as exc:  # e.g. a shape mismatch deep inside a conv
+            reason = str(exc).strip().splitlines()[0]
+            raise ValueError(
+                f"the model cannot run on calibration inputs of shape {tuple(x.shape)} ({reason}): "
+                "give step 2 data shaped like the training data"
+            ) from None
         finally:
             self.active = False
         if len(self.got) != len(self.wanted):
@@ -156,8 +162,12 @@ def _patch_rows(
 
 def _batches(loader: Iterable, max_images: int | None, device):
     seen = 0
-    for batch in loader:
+    for index, batch in enumerate(loader):
         x = batch[0] if isinstance(batch, list | tuple) else batch
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"calibration batch {index} contains NaN or Inf values: clean or re-decode the data"
+            )
         if max_images is not None:
             if seen >= max_images:
                 break
@@ -218,6 +228,7 @@ def transform(
     ``report``, when given, receives one dict per solved layer (time, agreement, history).
     """
     cfg = config or TransformConfig()
+    check_finite(model_step1, "the step-1 model")
     step1 = model_step1.to(cfg.device).eval()
     quantized = copy.deepcopy(step1).eval()
     layers = analyse(step1)

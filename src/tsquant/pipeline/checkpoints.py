@@ -1,9 +1,10 @@
 """Stage checkpoints: safetensors for tensors, JSON for metadata, written atomically.
 
 A stage folder holds ``model.safetensors`` + ``meta.json`` when the stage is complete, and
-``resume.safetensors`` + ``resume.json`` while it runs. Every file is written to a temporary
+``resume.safetensors`` (tensors and progress in one file) while it runs. Every file is written to a temporary
 name in the same folder and moved into place with os.replace, so a killed process leaves either
-the old file or the new one, never half of one. Nothing is ever unpickled.
+the old file or the new one, never half of one. Nothing is unpickled except PyTorch state
+dicts given by the user, through torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -44,15 +45,53 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=header))
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict file, read with weights_only=True: tensors and plain containers only,
+    so a crafted pickle cannot run code; it is refused instead."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for refused globals, others for damage
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"refused to load {path}: it is not a plain PyTorch state dict ({reason}); "
+            "save it with torch.save(model.state_dict()) or as safetensors"
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors: save it with torch.save(model.state_dict())"
+        )
+    return data
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (or, by suffix, a PyTorch state dict read safely)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: run the stage that writes it first")
+    if path.suffix in TORCH_SUFFIXES:
+        return _load_torch_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is damaged or not a safetensors file ({exc}): delete it and re-run the stage"
+        ) from None
+
+
+def load_tensor_meta(path: Path) -> dict:
+    """The JSON metadata that :func:`save_tensors` stored in a file's header."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return json.loads((fh.metadata() or {}).get("tsquant", "{}"))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({exc}): delete it and re-run the stage"
         ) from None
 
 
@@ -96,6 +135,12 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
         raise CheckpointError(
             f"checkpoint {path} does not fit this model ({'; '.join(parts)}): "
             "it comes from a different architecture or stage; check model.name and the path"
+        )
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} has NaN/Inf in {bad[:3]}: training diverged; retrain with a "
+            "lower learning rate or use an earlier checkpoint"
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
