@@ -26,7 +26,7 @@ def test_overrides_are_typed(tmp_path):
     "text, fragment",
     [
         ("trian:\n  epochs: 1\n", "did you mean 'train'"),
-        ("codes:\n  epss: 0.3\n", "did you mean 'eps'"),
+        ("codes:\n  epss: 0.3\n", "did you mean 'codes.eps'"),
         ("codes:\n  eps: -0.1\n", "codes.eps=-0.1 is out of range"),
         ("codes:\n  bits: 9\n", "codes.bits=9 is out of range"),
         ("transform:\n  lam: 0\n", "transform.lam=0.0 is out of range"),

@@ -199,7 +199,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in valid:
-            raise ConfigError(f"unknown config key '{where}'{_suggest(key, list(valid))}")
+            full = [f"{prefix}{name}" for name in valid]
+            raise ConfigError(f"unknown config key '{where}'{_suggest(where, full)}")
         f = valid[key]
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if is_dataclass(default):

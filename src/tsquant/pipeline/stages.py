@@ -341,10 +341,11 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
 def run_all(cfg: RunConfig) -> None:
     """Run every stage that is not complete yet; an interrupted stage resumes."""
     ctx = Context(cfg)
-    save_json(ctx.run_dir / "config.json", asdict(cfg))
     for stage in STAGES:
         if stage in CHECKPOINTED and ctx.done(stage):
             print(f"[run] {stage}: done, skipped", flush=True)
             continue
         print(f"[run] {stage}", flush=True)
         RUNNERS[stage](ctx)
+        # after a stage, so a run that fails at once leaves no folder behind
+        save_json(ctx.run_dir / "config.json", asdict(cfg))
