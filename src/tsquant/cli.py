@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .distributed import shutdown
 from .pipeline.config import ConfigError, load_config, option_table
 
 STAGE_HELP = {
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             run_all(cfg)
         else:
             run_stage(cfg, args.command)
+        shutdown()
     except KeyboardInterrupt:
+        shutdown()
         print("tsquant: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user, the traceback with --debug

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .pipeline.checkpoints import (
     load_tensor_meta,
     load_tensors,
@@ -88,9 +89,12 @@ def train(
     desc: str = "train",
     test_loader=None,
 ) -> list[dict]:
-    """Train in place; resume from ``work_dir/resume.*`` when present. Returns per-epoch logs."""
+    """Train in place; resume from ``work_dir/resume.safetensors`` when present. Returns per-epoch
+    logs. Under torchrun the model is wrapped in DDP and rank 0 writes the checkpoints."""
     work_dir = Path(work_dir)
     model.to(device)
+    net = distributed.wrap(model, device)
+    main_rank = distributed.world().main
     optimizer = torch.optim.SGD(
         _param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -115,6 +119,8 @@ def train(
         print(f"[{desc}] resuming at epoch {epoch + 1} batch {batch}", flush=True)
 
     def checkpoint(epoch_now: int, batch_now: int, running: dict):
+        if not main_rank:
+            return
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors |= opt_tensors | rng_to_tensors()
@@ -138,7 +144,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            out = net(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -158,16 +164,18 @@ def train(
                 checkpoint(epoch, batch, {"seen": seen, "correct": correct, "loss_sum": loss_sum})
                 last_save = time.monotonic()
         bar.close()
+        seen, correct, loss_sum = distributed.all_sum([seen, correct, loss_sum])
         log = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": 100 * correct / max(seen, 1),
         }
-        if test_loader is not None:
+        if test_loader is not None and main_rank:
             log["test_top1"] = evaluate(model, test_loader, device, f"{desc} eval")
         logs.append(log)
         print(
-            f"[{desc}] epoch {epoch + 1}/{cfg.epochs} "
+            f"[{desc}{'' if main_rank else f' rank {distributed.world().rank}'}] "
+            f"epoch {epoch + 1}/{cfg.epochs} "
             + " ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in log.items()

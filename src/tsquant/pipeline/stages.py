@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from ..data import BatchLoader, load_dataset
 from ..models import build_model
 from ..surgery import analyse, prepare_step1, quantizable_layers, quantized_skeleton
@@ -43,6 +43,7 @@ class Context:
         self._data = {}
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.world, self.device = distributed.init_from_env(cfg.device)
 
     def dataset(self, split: str):
         if split not in self._data:
@@ -59,12 +60,14 @@ class Context:
     def train_loader(self, cfg_train) -> BatchLoader:
         return BatchLoader(
             self.dataset("train"),
-            self.cfg.data.batch_size,
+            distributed.shard_batch_size(self.cfg.data.batch_size),
             shuffle=True,
             augment=cfg_train.augment,
             seed=self.cfg.seed,
             drop_last=True,
             channels_last=self.cfg.data.channels_last,
+            rank=self.world.rank,
+            world_size=self.world.world_size,
         )
 
     def test_loader(self) -> BatchLoader:
@@ -109,9 +112,13 @@ class Context:
                 f"run `tsquant {stage}` (or `tsquant run`) first"
             )
         load_model_weights(model, path)
-        return model.to(self.cfg.device)
+        return model.to(self.device)
 
     def finish(self, stage: str, model: torch.nn.Module, meta: dict) -> None:
+        """Write the stage's model and meta.json (rank 0 only under torchrun)."""
+        if not self.world.main:
+            distributed.barrier()
+            return
         out = self.stage_dir(stage)
         save_tensors(out / "model.safetensors", model.state_dict(), {"stage": stage})
         meta = {
@@ -123,6 +130,7 @@ class Context:
         }
         clear_resume(out)
         save_json(out / "meta.json", meta)  # last: marks the stage complete
+        distributed.barrier()
 
 
 def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
@@ -134,21 +142,25 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
         ctx.train_loader(cfg_train),
         cfg_train,
         ctx.stage_dir(stage),
-        ctx.cfg.device,
+        ctx.device,
         desc=desc,
         test_loader=None,
     )
-    top1 = evaluate(model, ctx.test_loader(), ctx.cfg.device, f"{stage} eval")
-    print(f"[{stage}] test top-1 {top1:.2f}%", flush=True)
+    top1 = None
+    if ctx.world.main:
+        top1 = evaluate(model, ctx.test_loader(), ctx.device, f"{stage} eval")
+        print(f"[{stage}] test top-1 {top1:.2f}%", flush=True)
     return {"logs": logs, "test_top1": top1, "wall_s": time.time() - start}
 
 
 def stage_train(ctx: Context) -> None:
-    model = ctx.fp_model().to(ctx.cfg.device)
+    model = ctx.fp_model().to(ctx.device)
     if ctx.cfg.init_checkpoint:
         load_model_weights(model, Path(ctx.cfg.init_checkpoint))
-        top1 = evaluate(model, ctx.test_loader(), ctx.cfg.device, "fp eval")
-        print(f"[train] loaded {ctx.cfg.init_checkpoint}: test top-1 {top1:.2f}%", flush=True)
+        top1 = None
+        if ctx.world.main:
+            top1 = evaluate(model, ctx.test_loader(), ctx.device, "fp eval")
+            print(f"[train] loaded {ctx.cfg.init_checkpoint}: test top-1 {top1:.2f}%", flush=True)
         meta = {
             "test_top1": top1,
             "source": ctx.cfg.init_checkpoint,
@@ -179,14 +191,14 @@ def stage_transform(ctx: Context) -> None:
         first_layer=t.first_layer,
         last_layer=t.last_layer,
         seed=ctx.cfg.seed,
-        device=ctx.cfg.device,
+        device=ctx.device,
     )
     layers = quantizable_layers(analyse(step1), t.first_layer, t.last_layer)
     rows: list[dict] = []
     start = time.time()
     model = transform(step1, ctx.calib_loader(), tcfg, report=rows)
     wall = time.time() - start
-    top1 = evaluate(model, ctx.test_loader(), ctx.cfg.device, "tsq eval")
+    top1 = evaluate(model, ctx.test_loader(), ctx.device, "tsq eval")
     print(f"[transform] test top-1 {top1:.2f}% (step 2 took {wall:.1f}s)", flush=True)
     ctx.finish(
         "transform",
@@ -226,7 +238,7 @@ def stage_eval(ctx: Context) -> list[dict]:
         if not ctx.done(stage) or load_json(ctx.stage_dir(stage) / "meta.json").get("skipped"):
             continue
         start = time.time()
-        top1 = evaluate(ctx.load(stage, builder()), test, ctx.cfg.device, f"eval {method}")
+        top1 = evaluate(ctx.load(stage, builder()), test, ctx.device, f"eval {method}")
         rows.append(
             {
                 "method": method,
@@ -331,21 +343,36 @@ RUNNERS = {
 }
 
 
+PARALLEL = ("train", "codes", "finetune")  # stages every torchrun process takes part in
+
+
+def _run_one(ctx: Context, stage: str) -> None:
+    """Run a stage; under torchrun the non-training stages run on rank 0 while the others wait."""
+    if stage in PARALLEL or ctx.world.main:
+        RUNNERS[stage](ctx)
+    if stage not in PARALLEL:
+        distributed.barrier()
+
+
 def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
     ctx = Context(cfg)
     if force and stage in CHECKPOINTED and ctx.done(stage):
-        shutil.rmtree(ctx.stage_dir(stage))  # re-run alone: start clean (resume files too)
-    RUNNERS[stage](ctx)
+        distributed.barrier()  # every rank has seen the old checkpoint before it goes
+        if ctx.world.main:
+            shutil.rmtree(ctx.stage_dir(stage))  # re-run alone: start clean (resume files too)
+        distributed.barrier()
+    _run_one(ctx, stage)
 
 
 def run_all(cfg: RunConfig) -> None:
     """Run every stage that is not complete yet; an interrupted stage resumes."""
     ctx = Context(cfg)
     for stage in STAGES:
+        say = print if ctx.world.main else (lambda *a, **k: None)
         if stage in CHECKPOINTED and ctx.done(stage):
-            print(f"[run] {stage}: done, skipped", flush=True)
+            say(f"[run] {stage}: done, skipped", flush=True)
             continue
-        print(f"[run] {stage}", flush=True)
-        RUNNERS[stage](ctx)
-        # after a stage, so a run that fails at once leaves no folder behind
-        save_json(ctx.run_dir / "config.json", asdict(cfg))
+        say(f"[run] {stage}", flush=True)
+        _run_one(ctx, stage)
+        if ctx.world.main:  # after a stage, so a run that fails at once leaves no folder behind
+            save_json(ctx.run_dir / "config.json", asdict(cfg))
