@@ -39,7 +39,7 @@ def replace_section(text: str, begin: str, end: str, body: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "## Deployable integer model (issue 6)",
+        "## Deployable integer model",
         "",
         "The exported model (packed ternary codes, int32 accumulation, integer thresholds) run by",
         "the integer runtime and by onnxruntime, against the fake-quant PyTorch model that",
