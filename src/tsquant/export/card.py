@@ -35,6 +35,7 @@ def model_card(exported: ExportedModel, export_dir: Path, sample: torch.Tensor |
                 "name": node["attrs"].get("module", node["name"]),
                 "op": op,
                 "weight_bits": node["attrs"]["codes_bits"] if quantized else 32,
+                "grid": node["attrs"]["grid"] if quantized else "fp32",
                 "weights": weight.numel(),
                 "zero_weights": float((weight == 0).double().mean()) if quantized else None,
                 "macs_per_sample": macs[node["name"]],
@@ -99,8 +100,9 @@ def format_card(card: dict) -> str:
     lines.append("  layers")
     for r in card["layers"]:
         zeros = "" if r["zero_weights"] is None else f", {100 * r['zero_weights']:.1f}% zero"
+        grid = "FP32" if r["grid"] == "fp32" else f"{r['grid']} ({r['weight_bits']} bits packed)"
         lines.append(
-            f"    {r['name']}: {r['op']}, {r['weight_bits']}-bit weights{zeros}, "
+            f"    {r['name']}: {r['op']}, {grid} weights{zeros}, "
             f"{_human(r['macs_per_sample'])} MACs"
         )
     return "\n".join(lines)

@@ -297,6 +297,11 @@ def stage_export(ctx: Context) -> dict:
         "dataset": test.title or test.name,
         "source": {"stage": source, "path": str(source_path), "sha256": sha256_of(source_path)},
         "num_classes": test.num_classes,
+        "classes": list(test.classes),
+        "preprocess": dict(
+            zip(("mean", "std"), test.stats(), strict=True),
+            input="NCHW float32: (pixel / 255 - mean) / std per channel",
+        ),
     }
     export_model(model, out, [c, h, w], info)
     exported = load_export(out)  # what a user will load: the check runs on the file, not memory
