@@ -15,6 +15,9 @@ from tsquant.models import build_model
 from tsquant.surgery import SurgeryError
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker
