@@ -74,7 +74,8 @@ def main() -> int:
     row = stage_export(Context(cfg))
     row.update(
         {
-            "command": "python benchmarks/deploy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": "python benchmarks/deploy.py "
+            + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "wall_s": round(time.time() - start, 1),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),

@@ -14,7 +14,6 @@ from tsquant.cli import main
 from tsquant.models import build_model
 from tsquant.surgery import SurgeryError
 
-
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 
 

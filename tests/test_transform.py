@@ -166,3 +166,24 @@ def test_sequential_mode_feeds_the_quantized_network_forward():
     assert torch.equal(seq.weight, par.weight) and torch.equal(seq.bias, par.bias)
     seq, par = models["sequential"].conv3.conv, models["parallel"].conv3.conv
     assert not (torch.equal(seq.alpha, par.alpha) and torch.equal(seq.bias, par.bias))
+
+
+def test_otwa_method_quantizes_the_folded_step1_weights_without_data():
+    from tsquant.quantizers.weight import ternarize
+    from tsquant.surgery import analyse, bn_affine, prepare_step1
+
+    torch.manual_seed(0)
+    step1 = prepare_step1(build_model("small_cnn", num_classes=10, in_channels=1, image_size=28))
+    step1.eval()
+    rows = []
+    out = tsquant.transform(step1, [], TransformConfig(method="otwa", verbose=False), report=rows)
+    assert [r["kind"] for r in rows] == ["otwa"] * 3  # conv2..conv4; first/last stay FP
+    layer = next(lay for lay in analyse(step1) if lay.name == "conv2.conv")
+    scale, shift = bn_affine(step1, layer)
+    w = step1.get_submodule("conv2.conv").weight.detach()
+    codes, alpha = ternarize(w.reshape(w.shape[0], -1) * scale[:, None])
+    q = out.get_submodule("conv2.conv")
+    assert isinstance(q, QuantizedConv2d)
+    assert torch.equal(q.weight_codes.reshape(codes.shape), codes)
+    torch.testing.assert_close(q.alpha.detach(), alpha)
+    torch.testing.assert_close(q.bias.detach(), shift)

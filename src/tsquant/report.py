@@ -65,7 +65,7 @@ def plot_histograms(model, samples: dict[str, torch.Tensor], path: Path) -> None
 def plot_solver_curves(layers: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in layers:
-        hist = [h for h in row["history"] if "agreement" in h]
+        hist = [h for h in row.get("history", []) if "agreement" in h]
         if hist:
             ax.plot(
                 [h["iter"] for h in hist],
@@ -119,6 +119,11 @@ def write_report(ctx) -> Path:
             "|---|---|---|---|---|",
         ]
         for r in meta["layers"]:
+            if r["kind"] == "otwa":
+                lines.append(
+                    f"| {r['layer']} (direct OTWA, no data) | - | - | - | {r['solve_s']:.1f} |"
+                )
+                continue
             before = r["agreement_init"] if r["kind"] == "coded" else r["relative_error_init"]
             after = r["agreement"] if r["kind"] == "coded" else r["relative_error"]
             tag = "" if r["kind"] == "coded" else " (rel. error)"

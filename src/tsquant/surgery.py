@@ -78,6 +78,7 @@ class Layer:
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """The model as an fx graph whose leaves are the modules tsquant understands."""
+
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
             return isinstance(

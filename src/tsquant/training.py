@@ -108,7 +108,9 @@ def train(
     resume_t = work_dir / "resume.safetensors"  # one file: tensors + progress, atomically
     meta = load_tensor_meta(resume_t) if resume_t.exists() else {}
     if resume_t.exists() and "epoch" not in meta:
-        print(f"[{desc}] {resume_t} has no progress record (older tsquant): starting over", flush=True)
+        print(
+            f"[{desc}] {resume_t} has no progress record (older tsquant): starting over", flush=True
+        )
     elif resume_t.exists():
         tensors = load_tensors(resume_t)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .quantizers.activation import SparseQuantizer
-from .quantizers.weight import WeightGrid
+from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
 from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
 
@@ -29,6 +29,9 @@ class TransformConfig:
     """Options of step 2 over a model; every field has a default (see README, "Step 2")."""
 
     weight_bits: str | int = "ternary"
+    # "tsq": the step-2 solver; "otwa": each layer's BN-folded step-1 weights quantized directly
+    # per channel (OTWA for ternary), no data: the HWGQ-style baseline without step 2
+    method: str = "tsq"
     mode: str = "sequential"  # or "parallel": inputs are the step-1 codes
     lam: float = 3.0
     iters: int = 20
@@ -43,6 +46,8 @@ class TransformConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
 
     def __post_init__(self):
+        if self.method not in ("tsq", "otwa"):
+            raise ValueError(f"method must be 'tsq' or 'otwa', got {self.method!r}")
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
         for name in ("first_layer", "last_layer"):
@@ -239,6 +244,18 @@ def transform(
     bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
     for index, layer in enumerate(bar, 1):
         start = time.perf_counter()
+        if cfg.method == "otwa":
+            weight = step1.get_submodule(layer.name).weight.detach()
+            scale, shift = bn_affine(step1, layer)
+            codes, alpha = quantize_to_grid(
+                weight.reshape(weight.shape[0], -1) * scale[:, None], grid
+            )
+            write_back(quantized, layer, codes, alpha, shift, grid)
+            if report is not None:
+                report.append(
+                    {"layer": layer.name, "kind": "otwa", "solve_s": time.perf_counter() - start}
+                )
+            continue
         source = quantized if cfg.mode == "sequential" else step1
         activation = step1.get_submodule(layer.activation) if layer.activation else None
         coded = layer.kind == "coded" and isinstance(activation, SparseQuantizer)

@@ -136,7 +136,9 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
             f"checkpoint {path} does not fit this model ({'; '.join(parts)}): "
             "it comes from a different architecture or stage; check model.name and the path"
         )
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = sorted(
+        k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    )
     if bad:
         raise CheckpointError(
             f"checkpoint {path} has NaN/Inf in {bad[:3]}: training diverged; retrain with a "

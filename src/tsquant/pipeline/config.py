@@ -82,6 +82,9 @@ class CodesConfig(TrainConfig):
 @dataclass
 class TransformStageConfig:
     weight_bits: str = opt("ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k")
+    method: str = opt(
+        "tsq", "tsq (step-2 solver) or otwa (quantize the step-1 weights directly: baseline)"
+    )
     mode: str = opt(
         "sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)"
     )
@@ -238,6 +241,7 @@ def validate(config, prefix: str = "") -> None:
         "card_images": lambda v: v >= 1,
         "positions_per_image": lambda v: v >= 1,
         "mode": lambda v: v in ("sequential", "parallel"),
+        "method": lambda v: v in ("tsq", "otwa"),
         "variant": lambda v: v in ("tsquant", "paper"),
         "schedule": lambda v: v in ("onecycle", "cosine", "constant"),
         "first_layer": lambda v: v in ("fp", "quantize"),
@@ -249,6 +253,7 @@ def validate(config, prefix: str = "") -> None:
         "eps": "use eps >= 0, e.g. 0.32",
         "lam": "use lam > 0, e.g. 3.0",
         "mode": "use sequential or parallel",
+        "method": "use tsq or otwa",
         "variant": "use tsquant or paper",
     }
     for f in fields(config):

@@ -183,6 +183,7 @@ def stage_transform(ctx: Context) -> None:
     t = ctx.cfg.transform
     tcfg = TransformConfig(
         weight_bits=t.weight_bits,
+        method=t.method,
         mode=t.mode,
         lam=t.lam,
         iters=t.iters,
@@ -275,7 +276,9 @@ def results_table(rows: list[dict]) -> str:
 
 def final_stage(ctx: Context) -> str:
     """The stage holding the quantized model to deploy: finetune unless it was skipped."""
-    if ctx.done("finetune") and not load_json(ctx.stage_dir("finetune") / "meta.json").get("skipped"):
+    if ctx.done("finetune") and not load_json(ctx.stage_dir("finetune") / "meta.json").get(
+        "skipped"
+    ):
         return "finetune"
     return "transform"
 
@@ -316,7 +319,9 @@ def stage_export(ctx: Context) -> dict:
     n = ctx.cfg.export.verify_images
     if n != 0:
         data = test if n is None or n >= len(test) else test.subset(n, seed=ctx.cfg.seed)
-        row.update(verify(model, exported, BatchLoader(data, ctx.cfg.data.eval_batch_size), session))
+        row.update(
+            verify(model, exported, BatchLoader(data, ctx.cfg.data.eval_batch_size), session)
+        )
         print(
             f"[export] {row['test_images']} test images: torch {row['torch_top1']:.2f}% | "
             f"int {row['int_top1']:.2f}% | onnx {row['onnx_top1'] if session else 'n/a'} | "
