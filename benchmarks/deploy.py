@@ -4,7 +4,9 @@
 
 Runs the `export` stage with ``export.verify_images`` unset (the whole test set), then adds the
 row to benchmarks/deploy.json (one row per model/dataset, replaced on re-run) and rewrites the
-deployment section of benchmarks/RESULTS.md.
+deployment section of benchmarks/RESULTS.md. When the run's export/ already holds a whole-test-set
+verification of the same source checkpoint (e.g. from `tsquant run`), it is reused unless
+``--force`` is given.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 import torch
 
 from tsquant.cli import _overrides
+from tsquant.pipeline.checkpoints import load_json, sha256_of
 from tsquant.pipeline.config import load_config
-from tsquant.pipeline.stages import Context, stage_export
+from tsquant.pipeline.stages import Context, final_stage, stage_export
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "deploy.json"
@@ -63,15 +66,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def earlier_verification(ctx: Context) -> dict | None:
+    """The run's verify.json when it covers the whole test set of the current final model."""
+    out = ctx.stage_dir("export")
+    if not (out / "verify.json").exists() or not (out / "manifest.json").exists():
+        return None
+    row, manifest = load_json(out / "verify.json"), load_json(out / "manifest.json")
+    source = ctx.stage_dir(final_stage(ctx)) / "model.safetensors"
+    whole = row.get("test_images") == len(ctx.dataset("test"))
+    same = manifest.get("source", {}).get("sha256") == sha256_of(source)
+    return row if whole and same else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--force", action="store_true", help="verify again even if done")
     args = parser.parse_args()
     cfg = load_config(args.config, _overrides(args.set))
     cfg.export.verify_images = None  # always the whole test set
     start = time.time()
-    row = stage_export(Context(cfg))
+    ctx = Context(cfg)
+    row = None if args.force else earlier_verification(ctx)
+    if row is not None:
+        print(f"reusing {ctx.stage_dir('export') / 'verify.json'} (same checkpoint, whole test set)")
+        start -= row.get("verify_s", 0.0)
+    row = row or stage_export(ctx)
     row.update(
         {
             "command": "python benchmarks/deploy.py "
