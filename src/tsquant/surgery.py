@@ -286,6 +286,28 @@ def prepare_step1(
     return model
 
 
+def swap_for_qat(
+    model: nn.Module,
+    weight_factory,
+    activation_factory,
+    first_layer: str = "fp",
+    last_layer: str = "fp",
+    keep_head_input_fp: bool = True,
+) -> nn.Module:
+    """A copy of ``model`` for quantization-aware training baselines: the quantizable weight
+    layers become ``weight_factory(layer)`` and the activations ``activation_factory()``, with
+    the same first/last/head-input policy as TSQ."""
+    model = copy.deepcopy(model)
+    layers = analyse(model)
+    keep_fp = _head_input_activations(model, layers) if keep_head_input_fp else set()
+    for layer in quantizable_layers(layers, first_layer, last_layer):
+        _set_module(model, layer.name, weight_factory(model.get_submodule(layer.name)))
+    for layer in layers:
+        if layer.activation is not None and layer.activation not in keep_fp:
+            _set_module(model, layer.activation, activation_factory())
+    return model
+
+
 def quantizable_layers(layers: list[Layer], first_layer: str = "fp", last_layer: str = "fp"):
     """Layers step 2 replaces, after the first/last layer policy ("fp" or a weight format)."""
     out = []
@@ -383,6 +405,7 @@ __all__ = [
     "bn_affine",
     "sparse_quantizers",
     "check_finite",
+    "swap_for_qat",
     "trace",
     "check_weights_on_grid",
     "quantized_skeleton",
