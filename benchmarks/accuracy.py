@@ -1,0 +1,316 @@
+"""Accuracy benchmark: TSQ against its baselines on one dataset/model, same harness and budget.
+
+    python benchmarks/accuracy.py configs/bench_fashion_mnist.yaml --seeds 0 1 2 \
+        --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,tsq_w2 [--ablations eps,mode,lam,iters,calib]
+
+Every method is a `tsquant run` of the same config with a few overrides (printed as the row's
+command); a run whose configuration agrees with the main TSQ run up to a stage (same FP
+training, same step 1, ...) starts from a copy of those stage folders instead of recomputing. QAT (LSQ) trains from
+the same FP checkpoint for codes.epochs + finetune.epochs epochs at the step-1 learning rate.
+Rows go to benchmarks/results.json (replacing rows with the same dataset, model, method, seed
+and ablation) and the tables to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tsquant.baselines import prepare_lsq
+from tsquant.cli import _overrides
+from tsquant.pipeline.checkpoints import load_json, save_json
+from tsquant.pipeline.config import RunConfig, load_config
+from tsquant.pipeline.stages import RUNNERS, Context
+from tsquant.quantizers.activation import SparseQuantizer
+from tsquant.training import evaluate, train
+
+HERE = Path(__file__).resolve().parent
+BENCH_STAGES = ("train", "codes", "transform", "finetune", "eval")
+CORE = ["fp", "step1", "tsq", "tsq_ft", "hwgq_otwa", "hwgq_otwa_ft", "qat", "tsq_w2"]
+
+# variant tag -> overrides of the main config
+VARIANTS = {
+    "tsq": {},
+    "hwgq": {"codes.eps": "0", "transform.method": "otwa"},
+    "w2": {"transform.weight_bits": "2"},
+}
+# what each checkpointed stage's result depends on (config sections, cumulative)
+DEPENDS = {
+    "train": ("data", "model", "train", "seed", "init_checkpoint"),
+    "codes": ("codes",),
+    "transform": ("transform",),
+    "finetune": ("finetune",),
+}
+# method -> (variant, the eval row it reads)
+METHODS = {
+    "fp": ("tsq", "fp"),
+    "step1": ("tsq", "step1"),
+    "tsq": ("tsq", "tsq"),
+    "tsq_ft": ("tsq", "tsq_ft"),
+    "hwgq_otwa": ("hwgq", "tsq"),
+    "hwgq_otwa_ft": ("hwgq", "tsq_ft"),
+    "tsq_w2": ("w2", "tsq"),
+}
+ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomputed for free
+    "eps": [(v, {"codes.eps": v}) for v in ("0", "0.2", "0.32", "0.5", "0.7")],
+    "mode": [(v, {"transform.mode": v}) for v in ("sequential", "parallel")],
+    "lam": [(v, {"transform.lam": v}) for v in ("1", "3", "10")],
+    "iters": [(v, {"transform.iters": v}) for v in ("5", "20", "50")],
+    "calib": [(v, {"transform.calib_images": v}) for v in ("250", "500", "1000", "2000", "4000")],
+}
+
+
+class Bench:
+    def __init__(self, config: str, base_overrides: dict, out_dir: str):
+        self.config = config
+        self.base_overrides = base_overrides
+        self.out_dir = out_dir
+
+    def cfg(self, seed: int, tag: str, overrides: dict) -> RunConfig:
+        base = load_config(self.config, {**self.base_overrides, **overrides})
+        name = f"{base.name}_s{seed}_{tag}"
+        return replace(base, seed=seed, name=name, out_dir=self.out_dir)
+
+    def command(self, seed: int, overrides: dict) -> str:
+        sets = {**self.base_overrides, "seed": str(seed), **overrides}
+        return (
+            "tsquant run "
+            + self.config
+            + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in sets.items())
+        )
+
+    def run(self, seed: int, tag: str, overrides: dict) -> Context:
+        cfg = self.cfg(seed, tag, overrides)
+        ctx = Context(cfg)
+        main = Context(self.cfg(seed, "tsq", {}))
+        mine, theirs, keys = asdict(cfg), asdict(main.cfg), []
+        for stage, depends in DEPENDS.items():  # same config up to this stage: copy it
+            keys += depends
+            if any(mine[k] != theirs[k] for k in keys) or tag == "tsq":
+                break
+            if main.done(stage) and not ctx.done(stage):
+                shutil.copytree(main.stage_dir(stage), ctx.stage_dir(stage))
+        for stage in BENCH_STAGES:
+            if stage == "eval" or not ctx.done(stage):
+                print(f"[bench] {cfg.name}: {stage}", flush=True)
+                RUNNERS[stage](ctx)
+        save_json(ctx.run_dir / "config.json", asdict(cfg))
+        return ctx
+
+
+def stage_wall(ctx: Context, *stages: str) -> float:
+    total = 0.0
+    for stage in stages:
+        meta = load_json(ctx.stage_dir(stage) / "meta.json")
+        total += float(meta.get("wall_s") or 0.0)
+    return total
+
+
+def zero_fraction(ctx: Context, stage: str, builder) -> float:
+    """Measured fraction of zero activation codes over all sparse quantizers (1,000 test images)."""
+    model = ctx.load(stage, builder()).eval()
+    counts = [0, 0]
+
+    def hook(module, inputs, output):
+        codes = module.codes(inputs[0])
+        counts[0] += int((codes == 0).sum())
+        counts[1] += codes.numel()
+
+    hooks = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SparseQuantizer)
+    ]
+    test = ctx.dataset("test")
+    loader = ctx.test_loader().subset(min(1000, len(test)), seed=ctx.cfg.seed)
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return counts[0] / max(1, counts[1])
+
+
+WALL_STAGES = {
+    "fp": ("train",),
+    "step1": ("train", "codes"),
+    "tsq": ("train", "codes", "transform"),
+}
+WALL_STAGES["tsq_ft"] = (*WALL_STAGES["tsq"], "finetune")
+
+
+def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: dict) -> list[dict]:
+    """wanted: eval method -> benchmark method."""
+    out = []
+    for r in load_json(ctx.stage_dir("eval") / "results.json")["rows"]:
+        if r["method"] in wanted:
+            out.append(
+                {
+                    **{
+                        k: r[k]
+                        for k in ("dataset", "model", "w_bits", "a_bits", "eps", "seed", "top1")
+                    },
+                    "method": wanted[r["method"]],
+                    "eps": 0.0 if r["a_bits"] == "fp" else r["eps"],
+                    "wall_s": round(stage_wall(ctx, *WALL_STAGES[r["method"]]), 1),
+                    "command": command,
+                    **extra,
+                }
+            )
+    return out
+
+
+def run_qat(bench: Bench, seed: int) -> dict:
+    main = Context(bench.cfg(seed, "tsq", {}))
+    ctx = Context(bench.cfg(seed, "qat", {}))
+    out = ctx.stage_dir("qat")
+    if (out / "meta.json").exists():
+        return load_json(out / "meta.json")["row"]
+    fp = main.load("train", main.fp_model())
+    model = prepare_lsq(fp, main.cfg.transform.weight_bits, main.cfg.codes.bits)
+    c, f = main.cfg.codes, main.cfg.finetune
+    budget = replace(c, epochs=c.epochs + f.epochs)
+    start = time.time()
+    train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq")
+    top1 = evaluate(model, ctx.test_loader(), ctx.device, "lsq eval")
+    test = ctx.dataset("test")
+    row = {
+        "dataset": test.title or test.name,
+        "model": ctx.cfg.model.name,
+        "method": "qat",
+        "w_bits": ctx.cfg.transform.weight_bits,
+        "a_bits": ctx.cfg.codes.bits,
+        "eps": 0.0,
+        "seed": seed,
+        "top1": top1,
+        "wall_s": round(time.time() - start + stage_wall(main, "train"), 1),
+        "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows qat"
+        + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
+        "qat": f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint",
+    }
+    save_json(out / "meta.json", {"row": row})
+    return row
+
+
+def merge(rows: list[dict], results_json: Path) -> list[dict]:
+    existing = json.loads(results_json.read_text()) if results_json.exists() else []
+    key = lambda r: (r["dataset"], r["model"], r["method"], r["seed"], r.get("ablation_value"))  # noqa: E731
+    fresh = {key(r) for r in rows}
+    return [r for r in existing if key(r) not in fresh] + rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# tsquant accuracy benchmark", ""]
+    for dataset, model in dict.fromkeys((r["dataset"], r["model"]) for r in rows):
+        group = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
+        main = [r for r in group if not r["method"].startswith("ablation:")]
+        lines += [
+            f"## {dataset}, {model}",
+            "",
+            "| method | W | A | eps | top-1 mean (%) | spread (std) | seeds: top-1 | wall (s, mean) | command (seed 0) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method in dict.fromkeys(r["method"] for r in main):
+            rs = sorted((r for r in main if r["method"] == method), key=lambda r: r["seed"])
+            tops = [r["top1"] for r in rs]
+            spread = f"{statistics.stdev(tops):.2f}" if len(tops) > 1 else "-"
+            per_seed = ", ".join(f"{r['seed']}: {r['top1']:.2f}" for r in rs)
+            lines.append(
+                f"| {method} | {rs[0]['w_bits']} | {rs[0]['a_bits']} | {rs[0]['eps']} | "
+                f"{statistics.mean(tops):.2f} | {spread} | {per_seed} | "
+                f"{statistics.mean(r['wall_s'] for r in rs):.0f} | `{rs[0]['command']}` |"
+            )
+        ablations = [r for r in group if r["method"].startswith("ablation:")]
+        if ablations:
+            lines += [
+                "",
+                "| ablation | value | seed | top-1 (%) | zero activations | wall (s) | command |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in ablations:
+                zeros = f"{100 * r['zero_fraction']:.1f} %" if "zero_fraction" in r else "-"
+                lines.append(
+                    f"| {r['method'][9:]} | {r['ablation_value']} | {r['seed']} | {r['top1']:.2f} | "
+                    f"{zeros} | {r['wall_s']:.0f} | `{r['command']}` |"
+                )
+        lines.append("")
+    machine = {r.get("machine") for r in rows} - {None}
+    lines.append(
+        f"Machines: {', '.join(sorted(machine))}. Rows with commands, seeds and wall "
+        "times: benchmarks/results.json."
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", default=",".join(CORE), help=f"comma list of {CORE}, or none")
+    parser.add_argument("--ablations", default="", help=f"comma list of {list(ABLATIONS)}")
+    parser.add_argument("--out-dir", default="runs/bench")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--results-dir", type=Path, default=HERE, help="where results.json/RESULTS.md go"
+    )
+    args = parser.parse_args()
+    results_json, results_md = args.results_dir / "results.json", args.results_dir / "RESULTS.md"
+    bench = Bench(args.config, _overrides(args.set), args.out_dir)
+    wanted = [m for m in args.rows.split(",") if m and m != "none"]
+    unknown = [m for m in wanted if m not in CORE] + [
+        a for a in args.ablations.split(",") if a and a not in ABLATIONS
+    ]
+    if unknown:
+        parser.error(f"unknown rows/ablations {unknown}")
+    threads = load_config(args.config, bench.base_overrides).threads or torch.get_num_threads()
+    machine = f"{platform.machine()} CPU, {threads} torch threads"
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    rows: list[dict] = []
+
+    def keep(new: list[dict]) -> None:
+        for r in new:
+            r.update(machine=machine, date=date)
+        rows.extend(new)
+        all_rows = merge(rows, results_json)
+        results_json.write_text(json.dumps(all_rows, indent=2) + "\n")
+        results_md.write_text(_with_other_sections(markdown(all_rows), results_md))
+
+    for seed in args.seeds:
+        for tag, overrides in VARIANTS.items():
+            methods = {METHODS[m][1]: m for m in wanted if m in METHODS and METHODS[m][0] == tag}
+            if methods:
+                ctx = bench.run(seed, tag, overrides)
+                keep(rows_from_eval(ctx, methods, bench.command(seed, overrides), {}))
+        if "qat" in wanted:
+            keep([run_qat(bench, seed)])
+    for name in [a for a in args.ablations.split(",") if a]:
+        for value, overrides in ABLATIONS[name]:
+            seed = args.seeds[0]
+            ctx = bench.run(seed, f"{name}{value}", overrides)
+            extra = {"ablation_value": value}
+            if name == "eps":
+                extra["zero_fraction"] = zero_fraction(ctx, "codes", ctx.step1_model)
+            method = f"ablation:{name}"
+            keep(rows_from_eval(ctx, {"tsq": method}, bench.command(seed, overrides), extra))
+    print(f"wrote {results_json} and {results_md}")
+    return 0
+
+
+def _with_other_sections(accuracy: str, results_md: Path) -> str:
+    """RESULTS.md = the accuracy tables, then the sections other benchmarks maintain."""
+    text = results_md.read_text() if results_md.exists() else ""
+    others = text[text.index("<!--") :] if "<!--" in text else ""
+    return accuracy.rstrip() + "\n\n" + others
+
+
+if __name__ == "__main__":
+    sys.exit(main())
