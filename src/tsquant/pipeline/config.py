@@ -101,8 +101,11 @@ class TransformStageConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    epochs: int = opt(2, "fine-tune epochs after step 2 (0 skips the stage)")
-    lr: float = opt(0.005, "peak learning rate of the fine-tune")
+    # measured on the Fashion-MNIST demo model (TSQ 90.72 %): 1 epoch at a constant 0.0005 gave
+    # 90.86 %, a one-cycle 0.002 epoch lowered it to 89.52 %
+    epochs: int = opt(1, "fine-tune epochs after step 2 (0 skips the stage)")
+    lr: float = opt(0.0005, "learning rate of the fine-tune")
+    schedule: str = opt("constant", "learning-rate schedule: onecycle, cosine or constant")
     weight_decay: float = opt(0.0, "weight decay (latent weights)")
 
 
