@@ -66,7 +66,10 @@ def test_ste_gradient_reaches_the_latent_weight():
     F.conv2d(x, effective, torch.zeros(4), padding=1).backward(upstream)
     assert conv.weight.grad is not None
     assert conv.weight.grad.abs().sum() > 0
-    assert torch.allclose(conv.weight.grad, effective.grad, rtol=1e-5, atol=1e-5)
+    u = conv.weight.detach() / alpha.reshape(-1, 1, 1, 1)
+    inside = ((u >= -1) & (u <= 1)).float()  # the clip passes no gradient outside the grid
+    assert 0 < inside.mean() < 1
+    assert torch.allclose(conv.weight.grad, effective.grad * inside, rtol=1e-5, atol=1e-5)
 
     linear = QuantizedLinear(7, 3, grid=2)
     linear.set_quantized(random_codes(linear.grid, (3, 7), gen), torch.ones(3), torch.zeros(3))
@@ -86,3 +89,16 @@ def test_grid_travels_with_the_state_dict():
     x = torch.randn(1, 2, 4, 4, generator=gen)
     assert torch.equal(dst(x), src(x))
     assert "grid=3bit" in repr(dst)
+
+
+def test_alpha_gradient_stays_bounded_when_alpha_is_tiny():
+    """A channel with a tiny scale must not receive a gradient that grows like w / alpha."""
+    conv = QuantizedConv2d(2, 2, 1, grid="ternary")
+    conv.set_quantized(torch.tensor([[1, -1], [0, 1]]), torch.tensor([1e-6, 0.5]), torch.zeros(2))
+    with torch.no_grad():
+        conv.weight.add_(1e-3)  # far outside the grid range of channel 0 once divided by alpha
+    x = torch.randn(3, 2, 4, 4)
+    conv(x).sum().backward()
+    bound = x.abs().sum() * 1 * (2 * 1) ** -0.5  # |upstream| * |code| <= 1 * LSQ grad scale
+    assert conv.alpha.grad.abs().max() <= bound
+    assert conv.weight.grad[0].abs().max() == 0  # channel 0's latent weights are out of range

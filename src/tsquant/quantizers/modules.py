@@ -15,13 +15,25 @@ from .weight import WeightGrid
 
 
 class _RoundToGridSTE(torch.autograd.Function):
+    """Round to the grid; straight-through inside the grid's range, zero outside (the clip's
+    gradient, as in LSQ). Passing gradient outside the range lets d/d alpha grow like w / alpha
+    and blows alpha up for channels whose alpha is small (seen on ResNet-20: top-1 76 % -> 16 %
+    in one fine-tune epoch)."""
+
     @staticmethod
     def forward(ctx, u, grid: WeightGrid):
+        ctx.save_for_backward((u >= grid.low) & (u <= grid.high))
         return grid.round(u)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out, None
+        (inside,) = ctx.saved_tensors
+        return grad_out * inside.to(grad_out.dtype), None
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward, gradient times ``factor``."""
+    return x * factor + (x - x * factor).detach()
 
 
 class _GridWeightMixin:
@@ -59,8 +71,12 @@ class _GridWeightMixin:
             return self.grid.round(self.weight / self._alpha_view()).to(self.grid.code_dtype)
 
     def quantized_weight(self) -> torch.Tensor:
-        alpha = self._alpha_view()
-        return _RoundToGridSTE.apply(self.weight / alpha, self.grid) * alpha
+        """alpha * round(w / alpha); alpha's gradient scaled by 1 / sqrt(fan_in * top level)
+        as LSQ does for its step, so the scale moves at the pace of the weights."""
+        grid = self.grid
+        factor = (self.weight[0].numel() * grid.high) ** -0.5
+        alpha = _scale_grad(self.alpha, factor).reshape(self._alpha_view().shape)
+        return _RoundToGridSTE.apply(self.weight / alpha, grid) * alpha
 
 
 class QuantizedConv2d(_GridWeightMixin, nn.Conv2d):
