@@ -43,7 +43,7 @@ def verify(
     model = model.eval().cpu()
     model64 = copy.deepcopy(model).double()
     runtime = IntegerRuntime(exported)
-    counts = {"torch": 0, "int": 0, "onnx": 0}
+    counts = {"torch": 0, "torch64": 0, "int": 0, "onnx": 0}
     stats = {
         "int_vs_fakequant_disagreements": 0,
         "int_vs_fakequant64_disagreements": 0,
@@ -64,6 +64,7 @@ def verify(
         pred_torch, pred_int = logits32.argmax(1), logits_int.argmax(1)
         counts["torch"] += int((pred_torch == y).sum())
         counts["int"] += int((pred_int == y).sum())
+        counts["torch64"] += int((logits64.argmax(1) == y).sum())
         stats["int_vs_fakequant_disagreements"] += int((pred_torch != pred_int).sum())
         stats["int_vs_fakequant64_disagreements"] += int((logits64.argmax(1) != pred_int).sum())
         if onnx_session is not None:
@@ -89,6 +90,7 @@ def verify(
     return {
         "test_images": total,
         "torch_top1": 100.0 * counts["torch"] / total,
+        "torch64_top1": 100.0 * counts["torch64"] / total,
         "int_top1": 100.0 * counts["int"] / total,
         "onnx_top1": 100.0 * counts["onnx"] / total if onnx_session is not None else None,
         **stats,
