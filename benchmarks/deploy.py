@@ -56,7 +56,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['test_images']:,} | {r['torch_top1']:.2f} "
-            f"({r['torch64_top1']:.2f}) | {r['int_top1']:.2f} | {r['onnx_top1']:.2f} | "
+            f"({r.get('torch64_top1', float('nan')):.2f}) | {r['int_top1']:.2f} | {r['onnx_top1']:.2f} | "
             f"{r['int_vs_fakequant_disagreements']} ({r['int_vs_fakequant64_disagreements']}) | "
             f"{r['code_mismatches_float32']} ({r['code_mismatches_float64']}) of "
             f"{r['codes_compared']:,} | {r['size_bytes']:,} | {r['fp32_size_bytes']:,} | "
