@@ -56,7 +56,7 @@ def verify(
     first_batch_agreement = None
     total = 0
     start = time.time()
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         x = x.contiguous(memory_format=torch.contiguous_format).float()
         logits32, codes32 = quantizer_codes(model, x)
         logits64, codes64 = quantizer_codes(model64, x.double())
