@@ -3,7 +3,7 @@
 Without BatchNorm, DDP must reproduce one process up to float summation order (tolerance 1e-5
 relative). With BatchNorm the runs differ where DDP must differ: batch statistics come from each
 rank's half batch (16 images here) instead of the whole batch of 32. Stated tolerance for the
-CLI run of the BN CNN (no augmentation, 2 epochs): weights within 10 % relative L2 per layer
+`torchrun ... run` of the BN CNN (no augmentation, 2 FP epochs; the whole pipeline follows): weights within 10 % relative L2 per layer
 (measured: at most 5.1 %), top-1 on the easy synthetic task within 3 points.
 """
 
@@ -36,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(prefix: list[str], args: list[str]) -> str:
+def _tsquant(prefix: list[str], command: str, args: list[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*prefix, "-m", "tsquant", "train", *args], env=env, capture_output=True, text=True
+        [*prefix, "-m", "tsquant", command, *args], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -49,8 +49,9 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_run_args):
     args = [*tiny_run_args, "--set", "train.epochs=2", "--set", "train.augment=false"]
     single = tmp_path / "single"
     ddp = tmp_path / "ddp"
-    _train([sys.executable], [*args, "--set", f"out_dir={single}"])
-    out = _train(
+    _tsquant([sys.executable], "train", [*args, "--set", f"out_dir={single}"])
+    # the whole pipeline under torchrun: training stages on both ranks, the rest on rank 0
+    out = _tsquant(
         [
             sys.executable,
             "-m",
@@ -62,9 +63,14 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, tiny_run_args):
             "--master-port",
             str(_free_port()),
         ],
+        "run",
         [*args, "--set", f"out_dir={ddp}"],
     )
     assert "rank 1] epoch 2/2" in out  # both processes trained
+    assert out.count("[run] transform") == 1  # step 2 once, on rank 0
+    rows = json.loads((ddp / "tiny" / "eval" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp", "step1", "tsq", "tsq_ft"]
+    assert json.loads((ddp / "tiny" / "export" / "verify.json").read_text())["test_images"] == 128
     a = load_tensors(single / "tiny" / "train" / "model.safetensors")
     b = load_tensors(ddp / "tiny" / "train" / "model.safetensors")
     assert a.keys() == b.keys()

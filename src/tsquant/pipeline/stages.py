@@ -117,7 +117,6 @@ class Context:
     def finish(self, stage: str, model: torch.nn.Module, meta: dict) -> None:
         """Write the stage's model and meta.json (rank 0 only under torchrun)."""
         if not self.world.main:
-            distributed.barrier()
             return
         out = self.stage_dir(stage)
         save_tensors(out / "model.safetensors", model.state_dict(), {"stage": stage})
@@ -130,7 +129,6 @@ class Context:
         }
         clear_resume(out)
         save_json(out / "meta.json", meta)  # last: marks the stage complete
-        distributed.barrier()
 
 
 def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
@@ -360,8 +358,7 @@ def _run_one(ctx: Context, stage: str) -> None:
     """Run a stage; under torchrun the non-training stages run on rank 0 while the others wait."""
     if stage in PARALLEL or ctx.world.main:
         RUNNERS[stage](ctx)
-    if stage not in PARALLEL:
-        distributed.barrier()
+    distributed.barrier()  # one per stage on every rank: rank 0 has written its results
 
 
 def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
