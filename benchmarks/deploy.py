@@ -91,7 +91,9 @@ def main() -> int:
     ctx = Context(cfg)
     row = None if args.force else earlier_verification(ctx)
     if row is not None:
-        print(f"reusing {ctx.stage_dir('export') / 'verify.json'} (same checkpoint, whole test set)")
+        print(
+            f"reusing {ctx.stage_dir('export') / 'verify.json'} (same checkpoint, whole test set)"
+        )
         start -= row.get("verify_s", 0.0)
     row = row or stage_export(ctx)
     row.update(

@@ -247,7 +247,10 @@ def extract_tarball(tarball: str | os.PathLike[str], *, progress: bool = True) -
         with (
             tarfile.open(src, "r|*") as tar,
             tqdm(
-                desc=f"extract {src.name}", unit=" files", disable=None if progress else True, leave=False
+                desc=f"extract {src.name}",
+                unit=" files",
+                disable=None if progress else True,
+                leave=False,
             ) as bar,
         ):
             for member in tar:

@@ -169,7 +169,9 @@ def decode_images(
     workers = _default_workers(n) if workers is None else workers
     jobs = [(str(p), resize, size) for p in paths]
     out: np.ndarray | None = None
-    with tqdm(total=n, desc=desc, unit=" img", disable=None if progress else True, leave=False) as bar:
+    with tqdm(
+        total=n, desc=desc, unit=" img", disable=None if progress else True, leave=False
+    ) as bar:
         for i, img in enumerate(_decoded(jobs, workers)):
             if out is None:
                 out = np.empty((n, *img.shape), dtype=np.uint8)
