@@ -1,7 +1,8 @@
 """Accuracy benchmark: TSQ against its baselines on one dataset/model, same harness and budget.
 
-    python benchmarks/accuracy.py configs/bench_fashion_mnist.yaml --seeds 0 1 2 \
-        --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,tsq_w2 [--ablations eps,mode,lam,iters,calib]
+    python benchmarks/accuracy.py configs/fashion_mnist_small_cnn.yaml --seeds 0 1 2 \
+        --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,tsq_w2,brevitas_gptq \
+        [--ablations eps,mode,lam,iters,calib]
 
 Every method is a `tsquant run` of the same config with a few overrides (printed as the row's
 command); a run whose configuration agrees with the main TSQ run up to a stage (same FP
@@ -38,6 +39,7 @@ from tsquant.training import evaluate, train
 HERE = Path(__file__).resolve().parent
 BENCH_STAGES = ("train", "codes", "transform", "finetune", "eval")
 CORE = ["fp", "step1", "tsq", "tsq_ft", "hwgq_otwa", "hwgq_otwa_ft", "qat", "tsq_w2"]
+OPTIONAL = ["brevitas_gptq"]  # needs pip install 'tsquant[bench]'; ask for it with --rows
 
 # variant tag -> overrides of the main config
 VARIANTS = {
@@ -201,6 +203,38 @@ def run_qat(bench: Bench, seed: int) -> dict:
     return row
 
 
+def run_brevitas(bench: Bench, seed: int) -> dict:
+    from tsquant.baselines import brevitas_gptq
+
+    main = Context(bench.cfg(seed, "tsq", {}))
+    out = Context(bench.cfg(seed, "brevitas", {})).stage_dir("brevitas_gptq")
+    if (out / "meta.json").exists():
+        return load_json(out / "meta.json")["row"]
+    fp = main.load("train", main.fp_model()).eval()
+    start = time.time()
+    quant = brevitas_gptq(
+        fp, main.calib_loader(), main.cfg.transform.weight_bits, main.cfg.codes.bits
+    )
+    wall = time.time() - start
+    test = main.dataset("test")
+    row = {
+        "dataset": test.title or test.name,
+        "model": main.cfg.model.name,
+        "method": "brevitas_gptq",
+        "w_bits": main.cfg.transform.weight_bits,
+        "a_bits": main.cfg.codes.bits,
+        "eps": 0.0,
+        "seed": seed,
+        "top1": evaluate(quant, main.test_loader(), main.device, "brevitas eval"),
+        "wall_s": round(wall, 1),
+        "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows brevitas_gptq"
+        + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
+        "calib_images": main.cfg.transform.calib_images,
+    }
+    save_json(out / "meta.json", {"row": row})
+    return row
+
+
 def merge(rows: list[dict], results_json: Path) -> list[dict]:
     existing = json.loads(results_json.read_text()) if results_json.exists() else []
     key = lambda r: (r["dataset"], r["model"], r["method"], r["seed"], r.get("ablation_value"))  # noqa: E731
@@ -255,7 +289,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rows", default=",".join(CORE), help=f"comma list of {CORE}, or none")
+    parser.add_argument(
+        "--rows", default=",".join(CORE), help=f"comma list of {CORE + OPTIONAL}, or none"
+    )
     parser.add_argument("--ablations", default="", help=f"comma list of {list(ABLATIONS)}")
     parser.add_argument("--out-dir", default="runs/bench")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -266,7 +302,7 @@ def main() -> int:
     results_json, results_md = args.results_dir / "results.json", args.results_dir / "RESULTS.md"
     bench = Bench(args.config, _overrides(args.set), args.out_dir)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
-    unknown = [m for m in wanted if m not in CORE] + [
+    unknown = [m for m in wanted if m not in CORE + OPTIONAL] + [
         a for a in args.ablations.split(",") if a and a not in ABLATIONS
     ]
     if unknown:
@@ -292,6 +328,8 @@ def main() -> int:
                 keep(rows_from_eval(ctx, methods, bench.command(seed, overrides), {}))
         if "qat" in wanted:
             keep([run_qat(bench, seed)])
+        if "brevitas_gptq" in wanted:
+            keep([run_brevitas(bench, seed)])
     for name in [a for a in args.ablations.split(",") if a]:
         for value, overrides in ABLATIONS[name]:
             seed = args.seeds[0]
