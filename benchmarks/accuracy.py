@@ -277,6 +277,11 @@ def markdown(rows: list[dict]) -> str:
                     f"{zeros} | {r['wall_s']:.0f} | `{r['command']}` |"
                 )
         lines.append("")
+    lines.append(
+        "Wall: seconds of the stages a row needs, summed (its FP training included), as recorded "
+        "in each stage's meta.json; QAT and Brevitas rows add their own run to the FP training."
+    )
+    lines.append("")
     machine = {r.get("machine") for r in rows} - {None}
     lines.append(
         f"Machines: {', '.join(sorted(machine))}. Rows with commands, seeds and wall "
@@ -298,8 +303,15 @@ def main() -> int:
     parser.add_argument(
         "--results-dir", type=Path, default=HERE, help="where results.json/RESULTS.md go"
     )
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite RESULTS.md from results.json"
+    )
     args = parser.parse_args()
     results_json, results_md = args.results_dir / "results.json", args.results_dir / "RESULTS.md"
+    if args.tables_only:
+        rows = json.loads(results_json.read_text())
+        results_md.write_text(_with_other_sections(markdown(rows), results_md))
+        return 0
     bench = Bench(args.config, _overrides(args.set), args.out_dir)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
     unknown = [m for m in wanted if m not in CORE + OPTIONAL] + [
