@@ -279,7 +279,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append("")
     lines.append(
         "Wall: seconds of the stages a row needs, summed (its FP training included), as recorded "
-        "in each stage's meta.json; QAT and Brevitas rows add their own run to the FP training."
+        "in each stage's meta.json; the QAT row adds its training to the FP training; the Brevitas "
+        "row is its post-training quantization alone."
     )
     lines.append("")
     machine = {r.get("machine") for r in rows} - {None}
