@@ -30,7 +30,7 @@ import torch
 
 from tsquant.baselines import prepare_lsq
 from tsquant.cli import _overrides
-from tsquant.pipeline.checkpoints import load_json, save_json
+from tsquant.pipeline.checkpoints import load_json, save_json, write_text_atomic
 from tsquant.pipeline.config import RunConfig, load_config
 from tsquant.pipeline.stages import RUNNERS, Context
 from tsquant.quantizers.activation import SparseQuantizer
@@ -311,7 +311,7 @@ def main() -> int:
     results_json, results_md = args.results_dir / "results.json", args.results_dir / "RESULTS.md"
     if args.tables_only:
         rows = json.loads(results_json.read_text())
-        results_md.write_text(_with_other_sections(markdown(rows), results_md))
+        write_text_atomic(results_md, _with_other_sections(markdown(rows), results_md))
         return 0
     bench = Bench(args.config, _overrides(args.set), args.out_dir)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
@@ -330,8 +330,8 @@ def main() -> int:
             r.update(machine=machine, date=date)
         rows.extend(new)
         all_rows = merge(rows, results_json)
-        results_json.write_text(json.dumps(all_rows, indent=2) + "\n")
-        results_md.write_text(_with_other_sections(markdown(all_rows), results_md))
+        write_text_atomic(results_json, json.dumps(all_rows, indent=2) + "\n")
+        write_text_atomic(results_md, _with_other_sections(markdown(all_rows), results_md))
 
     for seed in args.seeds:
         for tag, overrides in VARIANTS.items():

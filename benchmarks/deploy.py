@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tsquant.cli import _overrides
-from tsquant.pipeline.checkpoints import load_json, sha256_of
+from tsquant.pipeline.checkpoints import load_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context, final_stage, stage_export
 
@@ -108,9 +108,9 @@ def main() -> int:
     rows = json.loads(ROWS.read_text()) if ROWS.exists() else []
     rows = [r for r in rows if (r["dataset"], r["model"]) != (row["dataset"], row["model"])]
     rows.append(row)
-    ROWS.write_text(json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(ROWS, json.dumps(rows, indent=2) + "\n")
     text = RESULTS.read_text() if RESULTS.exists() else "# tsquant benchmark results\n"
-    RESULTS.write_text(replace_section(text, BEGIN, END, table(rows)))
+    write_text_atomic(RESULTS, replace_section(text, BEGIN, END, table(rows)))
     print(f"wrote {ROWS} and {RESULTS}")
     return 0
 

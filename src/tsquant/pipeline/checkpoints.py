@@ -95,9 +95,12 @@ def load_tensor_meta(path: Path) -> dict:
         ) from None
 
 
-def save_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+def write_text_atomic(path: Path, text: str) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def save_json(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def load_json(path: Path) -> dict:
