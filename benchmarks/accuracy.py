@@ -171,6 +171,25 @@ def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: di
     return out
 
 
+def baseline_row(bench: Bench, main: Context, method: str, seed, top1, wall_s, **extra) -> dict:
+    """A results row for a baseline run by this script (QAT, Brevitas) rather than `tsquant run`."""
+    test = main.dataset("test")
+    return {
+        "dataset": test.title or test.name,
+        "model": main.cfg.model.name,
+        "method": method,
+        "w_bits": main.cfg.transform.weight_bits,
+        "a_bits": main.cfg.codes.bits,
+        "eps": 0.0,
+        "seed": seed,
+        "top1": top1,
+        "wall_s": round(wall_s, 1),
+        "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows {method}"
+        + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
+        **extra,
+    }
+
+
 def run_qat(bench: Bench, seed: int) -> dict:
     main = Context(bench.cfg(seed, "tsq", {}))
     ctx = Context(bench.cfg(seed, "qat", {}))
@@ -184,21 +203,15 @@ def run_qat(bench: Bench, seed: int) -> dict:
     start = time.time()
     train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq")
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "lsq eval")
-    test = ctx.dataset("test")
-    row = {
-        "dataset": test.title or test.name,
-        "model": ctx.cfg.model.name,
-        "method": "qat",
-        "w_bits": ctx.cfg.transform.weight_bits,
-        "a_bits": ctx.cfg.codes.bits,
-        "eps": 0.0,
-        "seed": seed,
-        "top1": top1,
-        "wall_s": round(time.time() - start + stage_wall(main, "train"), 1),
-        "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows qat"
-        + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
-        "qat": f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint",
-    }
+    row = baseline_row(
+        bench,
+        main,
+        "qat",
+        seed,
+        top1,
+        time.time() - start + stage_wall(main, "train"),
+        qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint",
+    )
     save_json(out / "meta.json", {"row": row})
     return row
 
@@ -216,21 +229,16 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
         fp, main.calib_loader(), main.cfg.transform.weight_bits, main.cfg.codes.bits
     )
     wall = time.time() - start
-    test = main.dataset("test")
-    row = {
-        "dataset": test.title or test.name,
-        "model": main.cfg.model.name,
-        "method": "brevitas_gptq",
-        "w_bits": main.cfg.transform.weight_bits,
-        "a_bits": main.cfg.codes.bits,
-        "eps": 0.0,
-        "seed": seed,
-        "top1": evaluate(quant, main.test_loader(), main.device, "brevitas eval"),
-        "wall_s": round(wall, 1),
-        "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows brevitas_gptq"
-        + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
-        "calib_images": main.cfg.transform.calib_images,
-    }
+    top1 = evaluate(quant, main.test_loader(), main.device, "brevitas eval")
+    row = baseline_row(
+        bench,
+        main,
+        "brevitas_gptq",
+        seed,
+        top1,
+        wall,
+        calib_images=main.cfg.transform.calib_images,
+    )
     save_json(out / "meta.json", {"row": row})
     return row
 
