@@ -30,10 +30,10 @@ import torch
 
 from tsquant.baselines import prepare_lsq
 from tsquant.cli import _overrides
+from tsquant.export.verify import quantizer_codes
 from tsquant.pipeline.checkpoints import load_json, save_json, write_text_atomic
 from tsquant.pipeline.config import RunConfig, load_config
 from tsquant.pipeline.stages import RUNNERS, Context
-from tsquant.quantizers.activation import SparseQuantizer
 from tsquant.training import evaluate, train
 
 HERE = Path(__file__).resolve().parent
@@ -123,22 +123,11 @@ def zero_fraction(ctx: Context, stage: str, builder) -> float:
     """Measured fraction of zero activation codes over all sparse quantizers (1,000 test images)."""
     model = ctx.load(stage, builder()).eval()
     counts = [0, 0]
-
-    def hook(module, inputs, output):
-        codes = module.codes(inputs[0])
-        counts[0] += int((codes == 0).sum())
-        counts[1] += codes.numel()
-
-    hooks = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SparseQuantizer)
-    ]
     test = ctx.dataset("test")
-    loader = ctx.test_loader().subset(min(1000, len(test)), seed=ctx.cfg.seed)
-    with torch.no_grad():
-        for x, _ in loader:
-            model(x)
-    for h in hooks:
-        h.remove()
+    for x, _ in ctx.test_loader().subset(min(1000, len(test)), seed=ctx.cfg.seed):
+        for codes in quantizer_codes(model, x)[1].values():
+            counts[0] += int((codes == 0).sum())
+            counts[1] += codes.numel()
     return counts[0] / max(1, counts[1])
 
 
