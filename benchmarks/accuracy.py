@@ -317,8 +317,11 @@ def main() -> int:
     ]
     if unknown:
         parser.error(f"unknown rows/ablations {unknown}")
-    threads = load_config(args.config, bench.base_overrides).threads or torch.get_num_threads()
+    base_cfg = load_config(args.config, bench.base_overrides)
+    threads = base_cfg.threads or torch.get_num_threads()
     machine = f"{platform.machine()} CPU, {threads} torch threads"
+    if base_cfg.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name(base_cfg.device)} ({machine})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     rows: list[dict] = []
 
