@@ -187,3 +187,35 @@ def test_otwa_method_quantizes_the_folded_step1_weights_without_data():
     assert torch.equal(q.weight_codes.reshape(codes.shape), codes)
     torch.testing.assert_close(q.alpha.detach(), alpha)
     torch.testing.assert_close(q.bias.detach(), shift)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation",
+    [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 1, 2, 2), ((3, 1), (2, 1), (1, 0), 1)],
+)
+def test_sampled_patches_equal_unfold_at_the_same_positions(kernel, stride, padding, dilation):
+    from tsquant.transform import _patch_rows, _positions
+
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(5, 3, 9, 8, generator=torch.Generator().manual_seed(0))
+    cols = torch.nn.functional.unfold(
+        x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+    )  # N, n, L
+    pos = _positions(5, cols.shape[2], 6, torch.Generator().manual_seed(1))
+    reference = cols.gather(2, pos[:, None, :].expand(-1, cols.shape[1], -1))
+    reference = reference.permute(0, 2, 1).reshape(-1, cols.shape[1])
+    assert torch.equal(_patch_rows(conv, x, pos, chunk=2), reference)
+    assert torch.equal(
+        _patch_rows(conv, x.contiguous(memory_format=torch.channels_last), pos), reference
+    )
+
+
+def test_step2_is_bit_identical_across_runs_on_the_cpu():
+    loader = calibration((16, 3, 32, 32), 2)
+    step1 = step1_model("resnet20", loader)
+    cfg = TransformConfig(positions_per_image=8, iters=4, verbose=False, seed=3)
+    first = tsquant.transform(copy.deepcopy(step1), loader, cfg).state_dict()
+    second = tsquant.transform(copy.deepcopy(step1), loader, cfg).state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name

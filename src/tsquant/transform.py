@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
+from .solver.rows import RowStore
 from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
 
 
@@ -30,8 +31,10 @@ class TransformConfig:
 
     weight_bits: str | int = "ternary"
     # "tsq": the step-2 solver; "otwa": each layer's BN-folded step-1 weights quantized directly
-    # per channel (OTWA for ternary), no data: the HWGQ-style baseline without step 2
+    # per channel (OTWA for ternary), no data: the HWGQ-style baseline without step 2;
+    # "adaround": learned rounding on the same captured problem (tsquant.baselines.adaround)
     method: str = "tsq"
+    adaround_iters: int = 10_000
     mode: str = "sequential"  # or "parallel": inputs are the step-1 codes
     lam: float = 3.0
     iters: int = 20
@@ -46,8 +49,8 @@ class TransformConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
 
     def __post_init__(self):
-        if self.method not in ("tsq", "otwa"):
-            raise ValueError(f"method must be 'tsq' or 'otwa', got {self.method!r}")
+        if self.method not in ("tsq", "otwa", "adaround"):
+            raise ValueError(f"method must be 'tsq', 'otwa' or 'adaround', got {self.method!r}")
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
         for name in ("first_layer", "last_layer"):
@@ -145,23 +148,35 @@ def _rows_from_map(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_rows(
-    conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, chunk: int = 8
+    conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, chunk: int = 32
 ) -> torch.Tensor:
-    """im2col rows of the conv input at output positions pos: (N * P, C_in * kh * kw)."""
+    """im2col rows of the conv input at output positions pos: (N * P, C_in * kh * kw).
+
+    Gathers only the sampled patches (F.unfold would build all of them first); the column order
+    is unfold's (channel, kernel row, kernel column)."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, use zeros")
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.dilation,
+        conv.padding,
+    )
+    padded = F.pad(x, (pw, pw, ph, ph))
+    width = padded.shape[3]
+    out_w = (width - dw * (kw - 1) - 1) // sw + 1
+    ky = torch.arange(kh, device=x.device) * dh
+    kx = torch.arange(kw, device=x.device) * dw
     rows = []
     for s in range(0, x.shape[0], chunk):
-        cols = F.unfold(
-            x[s : s + chunk],
-            conv.kernel_size,
-            dilation=conv.dilation,
-            padding=conv.padding,
-            stride=conv.stride,
-        )  # N, n, L
         p = pos[s : s + chunk]
-        picked = cols.gather(2, p[:, None, :].expand(-1, cols.shape[1], -1))
-        rows.append(picked.permute(0, 2, 1).reshape(-1, cols.shape[1]))
+        top, left = (p // out_w) * sh, (p % out_w) * sw  # (n, P) corner of each patch
+        flat = (top[..., None, None] + ky[:, None]) * width + left[..., None, None] + kx
+        n, c = p.shape[0], padded.shape[1]
+        index = flat.reshape(n, 1, -1).expand(-1, c, -1)
+        picked = padded[s : s + chunk].flatten(2).gather(2, index)  # n, C, P * kh * kw
+        picked = picked.view(n, c, p.shape[1], kh * kw).permute(0, 2, 1, 3)
+        rows.append(picked.reshape(-1, c * kh * kw))
     return torch.cat(rows)
 
 
@@ -186,7 +201,7 @@ def _batches(loader: Iterable, max_images: int | None, device):
 
 
 def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen, target_kind):
-    """Rows of X, targets and (residual) offsets of one layer over the calibration set."""
+    """Row stores of X, targets and (residual) offsets of one layer over the calibration set."""
     src_wanted = {"x": (layer.name, "input")}
     if layer.residual:
         src_wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
@@ -198,7 +213,9 @@ def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen
     src_cap = _Capture(source, src_wanted)
     tgt_cap = _Capture(step1, {"y": (tgt_name, tgt_where)})
     module = source.get_submodule(layer.name)
-    xs, ys, offs = [], [], []
+    # one block per calibration batch, kept compactly (step-1 codes take a few values)
+    xs, ys = RowStore(), RowStore()
+    offs = RowStore() if layer.residual else None
     try:
         with torch.no_grad():
             for x in _batches(loader, cfg.max_images, cfg.device):
@@ -219,7 +236,7 @@ def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen
     finally:
         src_cap.close()
         tgt_cap.close()
-    return torch.cat(xs), torch.cat(ys), (torch.cat(offs) if offs else None)
+    return xs, ys, offs
 
 
 def transform(
@@ -265,7 +282,20 @@ def transform(
         scale, shift = bn_affine(step1, layer)
         init = weight.reshape(weight.shape[0], -1) * scale[:, None]
         capture_s = time.perf_counter() - start
-        if coded:
+        if cfg.method == "adaround":
+            from .baselines.adaround import AdaRoundConfig, adaround_layer
+
+            sol = adaround_layer(
+                X,
+                Y,
+                activation if coded else None,
+                init,
+                cfg.weight_bits,
+                bias=shift,
+                offset=offset if coded else None,
+                config=AdaRoundConfig(iters=cfg.adaround_iters, seed=cfg.seed),
+            )
+        elif coded:
             sol = solve_layer(
                 X, Y, activation, init=init, bias=shift, offset=offset, config=cfg.solver
             )
@@ -275,9 +305,10 @@ def transform(
         row = {
             "layer": layer.name,
             "kind": "coded" if coded else target_kind,
-            "rows": X.shape[0],
-            "inputs": X.shape[1],
-            "channels": Y.shape[1],
+            "rows": X.rows,
+            "inputs": X.width,
+            "channels": Y.width,
+            "stored_mb": round((X.nbytes + Y.nbytes + (offset.nbytes if offset else 0)) / 2**20, 2),
             "capture_s": capture_s,
             "solve_s": sol.seconds,
             "agreement_init": sol.agreement_init,
@@ -296,7 +327,7 @@ def transform(
             )
             metric = "agree" if coded else "rel.err"
             tqdm.write(
-                f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.shape[0]}x{X.shape[1]}->{Y.shape[1]} "
+                f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.rows}x{X.width}->{Y.width} "
                 f"{metric} {before:.4f} -> {after:.4f}  "
                 f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s"
             )

@@ -229,7 +229,7 @@ def test_paper_alternation_never_increases_the_relaxed_objective(lam, seed):
     from tsquant import SolverConfig
 
     weights_t, alpha = _initial_weights(problem, init, bias, grid, SolverConfig().effective, c)
-    pre = problem.pre_activation(problem.projections(weights_t.T), alpha, bias)
+    pre = problem.pre_activation(torch.cat(problem.projections(weights_t.T)), alpha, bias)
     z, _ = problem.z_step(pre, lam, 0.0)
     values = [relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam)]
     moved = 0
@@ -241,7 +241,7 @@ def test_paper_alternation_never_increases_the_relaxed_objective(lam, seed):
         values.append(relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam))
         alpha = _alpha_step(problem.gram, b, weights_t, alpha)
         values.append(relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam))
-        pre = problem.pre_activation(problem.projections(weights_t.T), alpha, bias)
+        pre = problem.pre_activation(torch.cat(problem.projections(weights_t.T)), alpha, bias)
         z, _ = problem.z_step(pre, lam, 0.0)
         values.append(relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam))
     for before, after in zip(values, values[1:], strict=False):

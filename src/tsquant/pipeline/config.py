@@ -83,7 +83,9 @@ class CodesConfig(TrainConfig):
 class TransformStageConfig:
     weight_bits: str = opt("ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k")
     method: str = opt(
-        "tsq", "tsq (step-2 solver) or otwa (quantize the step-1 weights directly: baseline)"
+        "tsq",
+        "tsq (step-2 solver), otwa (quantize the step-1 weights directly: baseline) or adaround "
+        "(learned rounding of the same layer problem: baseline)",
     )
     mode: str = opt(
         "sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)"
@@ -93,6 +95,7 @@ class TransformStageConfig:
     )
     lam: float = opt(3.0, "lambda of the relaxed objective")
     iters: int = opt(20, "alternations per layer")
+    adaround_iters: int = opt(10_000, "Adam iterations per layer of method adaround")
     calib_images: int = opt(2000, "calibration images (drawn from the training set)")
     positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
     first_layer: str = opt("fp", "first layer: fp or quantize")
@@ -244,7 +247,8 @@ def validate(config, prefix: str = "") -> None:
         "card_images": lambda v: v >= 1,
         "positions_per_image": lambda v: v >= 1,
         "mode": lambda v: v in ("sequential", "parallel"),
-        "method": lambda v: v in ("tsq", "otwa"),
+        "method": lambda v: v in ("tsq", "otwa", "adaround"),
+        "adaround_iters": lambda v: v >= 1,
         "variant": lambda v: v in ("tsquant", "paper"),
         "schedule": lambda v: v in ("onecycle", "cosine", "constant"),
         "first_layer": lambda v: v in ("fp", "quantize"),
@@ -256,7 +260,7 @@ def validate(config, prefix: str = "") -> None:
         "eps": "use eps >= 0, e.g. 0.32",
         "lam": "use lam > 0, e.g. 3.0",
         "mode": "use sequential or parallel",
-        "method": "use tsq or otwa",
+        "method": "use tsq, otwa or adaround",
         "variant": "use tsquant or paper",
     }
     for f in fields(config):

@@ -182,6 +182,7 @@ def stage_transform(ctx: Context) -> None:
     tcfg = TransformConfig(
         weight_bits=t.weight_bits,
         method=t.method,
+        adaround_iters=t.adaround_iters,
         mode=t.mode,
         lam=t.lam,
         iters=t.iters,

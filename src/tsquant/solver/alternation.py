@@ -27,7 +27,8 @@ import torch
 
 from ..quantizers.activation import SparseQuantizer
 from ..quantizers.weight import WeightGrid, quantize_to_grid
-from .statistics import cross, gram, row_chunks
+from .rows import RowStore, as_row_store
+from .statistics import gram
 
 
 @dataclass(frozen=True)
@@ -101,49 +102,92 @@ class LayerSolution:
 
 
 class _Problem:
-    """Data of one layer's problem with chunked helpers (all (m, c) tensors share rows with X)."""
+    """One layer's data, read block by block (TSQ-METHOD.md, step 2).
+
+    X, the targets and the residual offsets are :class:`RowStore` s with the same blocks; every
+    per-row quantity (projections s = X W', pre-activations, z) is formed one block at a time and
+    only sums over rows are kept, except the float32 projections s, which are reused by the many
+    passes of the alpha/bias fits. The target codes are kept as uint8.
+    """
 
     def __init__(self, x, targets, quantizer: SparseQuantizer, offset, chunk_rows):
-        self.x = x
+        self.x = as_row_store(x, chunk_rows)
         self.chunk_rows = chunk_rows
         self.step = quantizer.step
         self.bits = quantizer.bits
+        device = self.x.device
         # per-element work is float32 (as the model computes it); sums are accumulated in float64
-        self.edges = quantizer.thresholds().to(device=x.device, dtype=torch.float32)
-        self.target_codes = quantizer.encode(targets).to(x.device).long()
-        self.offset = offset.float() if offset is not None else None
-        stats = gram(x, chunk_rows)
+        self.edges = quantizer.thresholds().to(device=device, dtype=torch.float32)
+        target_store = as_row_store(targets, chunk_rows)
+        self.offset = None if offset is None else as_row_store(offset, chunk_rows)
+        for other in (target_store, self.offset):
+            if other is not None and other.block_rows != self.x.block_rows:
+                raise ValueError("X, targets and offsets must be stored in the same row blocks")
+        self.code_blocks = [
+            quantizer.encode(t).to(device=device, dtype=torch.uint8) for t in target_store.blocks()
+        ]
+        stats = gram(self.x)
         self.gram, self.column_sum, self.m = stats.gram, stats.column_sum, stats.rows
+
+    @property
+    def target_codes(self) -> torch.Tensor:
+        """All target codes (m, c) as int64 (for tests and small problems)."""
+        return torch.cat(self.code_blocks).long()
+
+    def bin_bounds(self, margin: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, the target bin of every element shrunk by margin * d: (lower, upper).
+
+        Kept for the whole solve (two float32 values per element, like the projections): the
+        alpha/bias fit reads them in every one of its passes."""
+        if getattr(self, "_bounds_margin", None) != margin:
+            self._bounds = None  # free the old ones first
+            delta = margin * self.step
+            inf = self.edges.new_tensor([math.inf])
+            lower_of = torch.cat([-inf, self.edges + delta])
+            upper_of = torch.cat([self.edges - delta, inf])
+            self._bounds = [
+                (lower_of[codes.int()], upper_of[codes.int()]) for codes in self.code_blocks
+            ]
+            self._bounds_margin = margin
+        return self._bounds
 
     def codes_of(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(pre, self.edges, right=False)
 
-    def projections(self, weights: torch.Tensor) -> torch.Tensor:
-        """S = X W' (m, c) in float32, chunked."""
-        out = torch.empty(self.m, weights.shape[0], dtype=torch.float32, device=self.x.device)
-        w = weights.T.to(self.x.dtype)
-        for rows in row_chunks(self.m, self.chunk_rows):
-            out[rows] = (self.x[rows] @ w).float()
-        return out
+    def projections(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """S = X W' per block, float32."""
+        w = weights.T.float()
+        return [block @ w for block in self.x.blocks()]
 
-    def pre_activation(self, s, alpha, bias):
+    def pre_activation(self, s, alpha, bias, block: int | None = None):
+        """alpha s + bias (+ the block's residual offset)."""
         p = torch.addcmul(bias.float()[None, :], s, alpha.float()[None, :])
-        return p + self.offset if self.offset is not None else p
+        if self.offset is None:
+            return p
+        if block is None:
+            raise ValueError("this problem has residual offsets: name the block")
+        return p + self.offset.block(block)
 
-    def true_error(self, pre) -> tuple[torch.Tensor, torch.Tensor]:
+    def true_error(self, s_blocks, alpha, bias) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel: sum of (y - Q(p))^2 and count of agreeing codes."""
-        codes = self.codes_of(pre)
-        diff = codes - self.target_codes
-        return (diff * diff).sum(0).double() * self.step**2, (diff == 0).sum(0)
+        err = torch.zeros(len(alpha), dtype=torch.float64, device=self.edges.device)
+        agree = torch.zeros(len(alpha), dtype=torch.int64, device=self.edges.device)
+        for i, s in enumerate(s_blocks):
+            diff = self.codes_of(self.pre_activation(s, alpha, bias, i)) - self.code_blocks[i]
+            err += (diff * diff).sum(0).double()
+            agree += (diff == 0).sum(0)
+        return err * self.step**2, agree
 
-    def z_step(self, pre, lam, margin):
-        """Element-wise exact minimiser of (y - q_k)^2 + lam (z - p)^2 over bins k."""
-        levels = range(len(self.edges) + 1)
-        target = self.target_codes.float() * self.step
+    def z_step(self, pre, lam, margin, block: int | None = None):
+        """Element-wise exact minimiser of (y - q_k)^2 + lam (z - p)^2 over bins k.
+
+        pre holds the rows of one block (or of all rows when block is None)."""
+        codes = self.target_codes if block is None else self.code_blocks[block]
+        target = codes.float() * self.step
         best_cost = torch.full_like(pre, float("inf"))
         best_z = torch.empty_like(pre)
         delta = margin * self.step
-        for k in range(len(levels)):
+        for k in range(len(self.edges) + 1):
             lo = self.edges[k - 1] + delta if k > 0 else -math.inf
             hi = self.edges[k] - delta if k < len(self.edges) else math.inf
             # right-closed bins: without a margin the bin's upper edge itself belongs to it
@@ -156,6 +200,39 @@ class _Problem:
             best_cost = torch.where(better, cost, best_cost)
             best_z = torch.where(better, z, best_z)
         return best_z, best_cost.sum(dtype=torch.float64)
+
+    def z_pass(self, s_blocks, alpha, bias, lam, margin) -> dict:
+        """One pass over the blocks at the current (w, alpha, bias): the z step, then the
+        statistics the next alternation needs: b = X'(z - bias - offset) and the column sums of
+        z - offset (bias step), with the relaxed objective and the true error."""
+        n, c = self.x.width, len(alpha)
+        device = self.edges.device
+        b = torch.zeros(n, c, dtype=torch.float64, device=device)
+        shift_sum = torch.zeros(c, dtype=torch.float64, device=device)
+        relaxed = torch.zeros((), dtype=torch.float64, device=device)
+        err = torch.zeros(c, dtype=torch.float64, device=device)
+        agree = torch.zeros(c, dtype=torch.int64, device=device)
+        for i, s in enumerate(s_blocks):
+            pre = self.pre_activation(s, alpha, bias, i)
+            z, cost = self.z_step(pre, lam, margin, i)
+            relaxed += cost
+            diff = self.codes_of(pre) - self.code_blocks[i]
+            err += (diff * diff).sum(0).double()
+            agree += (diff == 0).sum(0)
+            residual = z - bias.float()[None, :]
+            shift = z
+            if self.offset is not None:
+                offset = self.offset.block(i)
+                residual, shift = residual - offset, z - offset
+            b.addmm_(self.x.block(i, torch.float64).T, residual.double())
+            shift_sum += shift.sum(0, dtype=torch.float64)
+        return {
+            "b": b,
+            "shift_sum": shift_sum,
+            "relaxed": relaxed,
+            "true_error": err * self.step**2,
+            "agree": agree,
+        }
 
 
 def _grid_round_wstep(gram_matrix, b, weights_t, alpha, grid: WeightGrid, sweeps: int):
@@ -215,44 +292,47 @@ def _initial_weights(problem: _Problem, init, bias, grid, config, c):
         return codes.double().T.contiguous(), alpha.double()
     # least-squares fit to a pre-activation placed inside each target code's bin
     step, edges = problem.step, problem.edges
-    z0 = problem.target_codes.double() * step
-    z0 = torch.where(problem.target_codes == 0, torch.as_tensor(float(edges[0]) - step / 2), z0)
-    r = z0 - bias[None, :]
-    if problem.offset is not None:
-        r = r - problem.offset
-    rhs = cross(problem.x, r, config.chunk_rows)
+    rhs = torch.zeros(problem.x.width, c, dtype=torch.float64, device=edges.device)
+    for i, codes in enumerate(problem.code_blocks):
+        z0 = codes.double() * step
+        z0 = torch.where(codes == 0, torch.as_tensor(float(edges[0]) - step / 2), z0)
+        r = z0 - bias[None, :]
+        if problem.offset is not None:
+            r = r - problem.offset.block(i)
+        rhs.addmm_(problem.x.block(i, torch.float64).T, r)
     w_ls = _ridge_solve(problem.gram, rhs, config.ridge)  # (n, c)
     codes, alpha = quantize_to_grid(w_ls.T, grid)
     return codes.double().T.contiguous(), alpha.double()
 
 
-def _fit_alpha_bias(problem: _Problem, s, alpha, bias, margin: float, iters: int = 10):
+def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, iters: int = 10):
     """Per-channel (alpha, bias) minimising the squared distance of p to its target bin.
 
     This is the lam -> 0 limit of the relaxed objective restricted to (alpha, bias): a convex
     squared hinge, minimised by Newton steps on the rows outside their bins (active set) with
     backtracking, so unlike the plain alpha step it does not stall with p parked on bin edges.
     """
-    delta = margin * problem.step
-    edges = problem.edges
-    inf = edges.new_tensor([math.inf])
-    lower = torch.cat([-inf, edges + delta])[problem.target_codes]
-    upper = torch.cat([edges - delta, inf])[problem.target_codes]
+    bounds = problem.bin_bounds(margin)
 
-    def loss_and_gap(a, b):
-        pre = problem.pre_activation(s, a, b)
-        gap = pre - torch.maximum(torch.minimum(pre, upper), lower)  # 0 inside the bin
-        return (gap * gap).sum(0, dtype=torch.float64), gap
+    def hinge(a, b, newton: bool):
+        """Loss per channel and, with newton, the sums of the Newton step: h11 h12 h22 g1 g2."""
+        loss = torch.zeros_like(a, dtype=torch.float64)
+        sums = torch.zeros(5, len(a), dtype=torch.float64, device=a.device)
+        for i, s in enumerate(s_blocks):
+            lower, upper = bounds[i]
+            pre = problem.pre_activation(s, a, b, i)
+            gap = pre - torch.maximum(torch.minimum(pre, upper), lower)  # 0 inside the bin
+            loss += (gap * gap).sum(0, dtype=torch.float64)
+            if newton:
+                active = (gap != 0).float()
+                s_a = s * active
+                for k, term in enumerate((s_a * s, s_a, active, s_a * gap, gap)):
+                    sums[k] += term.sum(0, dtype=torch.float64)
+        return loss, sums
 
-    loss, gap = loss_and_gap(alpha, bias)
+    loss, sums = hinge(alpha, bias, True)
     for _ in range(iters):
-        active = (gap != 0).float()
-        s_a = s * active
-        h11 = (s_a * s).sum(0, dtype=torch.float64)
-        h12 = s_a.sum(0, dtype=torch.float64)
-        h22 = active.sum(0, dtype=torch.float64)
-        g1 = (s_a * gap).sum(0, dtype=torch.float64)
-        g2 = gap.sum(0, dtype=torch.float64)
+        h11, h12, h22, g1, g2 = sums
         det = h11 * h22 - h12 * h12
         ok = det > 1e-9 * (h11 * h22).clamp_min(1e-300)
         det = det.clamp_min(1e-300)
@@ -262,22 +342,22 @@ def _fit_alpha_bias(problem: _Problem, s, alpha, bias, margin: float, iters: int
         step = torch.ones_like(alpha)
         for _ in range(6):  # backtracking per channel
             cand_a, cand_b = alpha + step * (new_a - alpha), bias + step * (new_b - bias)
-            cand_loss, _ = loss_and_gap(cand_a, cand_b)
+            cand_loss, _ = hinge(cand_a, cand_b, False)
             good = (cand_loss <= loss) & (cand_a > 0)
             if bool(good.all()):
                 break
             step = torch.where(good, step, step / 2)
         improved = good & (cand_loss < loss * (1 - 1e-6))
         alpha, bias = torch.where(good, cand_a, alpha), torch.where(good, cand_b, bias)
-        loss, gap = loss_and_gap(alpha, bias)
+        loss, sums = hinge(alpha, bias, True)
         if not bool(improved.any()):
             break
     return alpha, bias
 
 
-def _refine_alpha_bias(problem: _Problem, s, alpha, bias, config):
+def _refine_alpha_bias(problem: _Problem, s_blocks, alpha, bias, config):
     """Per-channel coordinate grid search of alpha and bias on the true error ||y - Q(p)||^2."""
-    best_err, _ = problem.true_error(problem.pre_activation(s, alpha, bias))
+    best_err, _ = problem.true_error(s_blocks, alpha, bias)
     alpha, bias = alpha.clone(), bias.clone()
     width_alpha, width_bias = 0.3, 0.5 * problem.step
     offsets = torch.linspace(-1, 1, config.refine_points, dtype=torch.float64)
@@ -286,7 +366,7 @@ def _refine_alpha_bias(problem: _Problem, s, alpha, bias, config):
             for t in offsets:
                 cand_alpha = alpha * (1 + width_alpha * t) if which == "alpha" else alpha
                 cand_bias = bias + width_bias * t if which == "bias" else bias
-                err, _ = problem.true_error(problem.pre_activation(s, cand_alpha, cand_bias))
+                err, _ = problem.true_error(s_blocks, cand_alpha, cand_bias)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 alpha = torch.where(better, cand_alpha, alpha)
@@ -296,15 +376,15 @@ def _refine_alpha_bias(problem: _Problem, s, alpha, bias, config):
 
 
 def solve_layer(
-    X: torch.Tensor,
-    Y: torch.Tensor,
+    X: torch.Tensor | RowStore,
+    Y: torch.Tensor | RowStore,
     quantizer: SparseQuantizer,
     weight_bits: str | int | None = None,
     lam: float | None = None,
     iters: int | None = None,
     init: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    offset: torch.Tensor | None = None,
+    offset: torch.Tensor | RowStore | None = None,
     config: SolverConfig | None = None,
     verbose: bool = False,
 ) -> LayerSolution:
@@ -324,67 +404,63 @@ def solve_layer(
     cfg = config.effective
     grid = WeightGrid.from_spec(cfg.weight_bits)
     _check_inputs(X, Y, init, bias, offset)
-    m, c = Y.shape
     problem = _Problem(X, Y, quantizer, offset, cfg.chunk_rows)
+    m, c = problem.m, _shape(Y)[1]
+    device = problem.edges.device
     bias = (
-        torch.zeros(c, dtype=torch.float64, device=X.device)
+        torch.zeros(c, dtype=torch.float64, device=device)
         if bias is None
-        else bias.detach().double().to(X.device).clone()
+        else bias.detach().double().to(device).clone()
     )
     weights_t, alpha = _initial_weights(problem, init, bias, grid, cfg, c)
-
-    s = problem.projections(weights_t.T)
-    pre = problem.pre_activation(s, alpha, bias)
-    err, agree = problem.true_error(pre)
-    agreement_init = float(agree.sum()) / (m * c)
-    history = [
-        {
-            "iter": 0,
-            "objective": float("nan"),
-            "true_error": float(err.sum()) / m,
-            "agreement": agreement_init,
-            "changes": 0,
-            "lam": cfg.lam,
-        }
-    ]
     lam_now = cfg.lam
     # the repair phase moves away from a given init; a least-squares start is already fitted
     # to the bin centres, and polishing it directly does better (planted problems)
     repairing = cfg.repair_iters > 0 and init is not None
 
-    def z_step(pre):
+    def z_pass(s, alpha, bias):
         if repairing:  # z near the centre of its target bin: not anchored at the current p
-            return problem.z_step(pre, cfg.repair_lam, cfg.repair_margin)
-        return problem.z_step(pre, lam_now, cfg.margin)
+            return problem.z_pass(s, alpha, bias, cfg.repair_lam, cfg.repair_margin)
+        return problem.z_pass(s, alpha, bias, lam_now, cfg.margin)
 
-    z, _ = z_step(pre)
-    best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
+    s = problem.projections(weights_t.T)
+    zp = z_pass(s, alpha, bias)
+    agreement_init = float(zp["agree"].sum()) / (m * c)
+    history = [
+        {
+            "iter": 0,
+            "objective": float("nan"),
+            "true_error": float(zp["true_error"].sum()) / m,
+            "agreement": agreement_init,
+            "changes": 0,
+            "lam": cfg.lam,
+        }
+    ]
+    best = (float(zp["true_error"].sum()), weights_t.clone(), alpha.clone(), bias.clone())
     still = 0
     for it in range(1, cfg.iters + 1):
-        residual = z - bias.float()[None, :]
-        if problem.offset is not None:
-            residual = residual - problem.offset
-        b = cross(X, residual, cfg.chunk_rows)
+        b = zp["b"]  # X'(z - bias - offset) at the z of the previous alternation
         alpha = _alpha_step(problem.gram, b, weights_t, alpha)
         changes = _grid_round_wstep(problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
         alpha = _alpha_step(problem.gram, b, weights_t, alpha)
         s = problem.projections(weights_t.T)
-        if cfg.learn_bias:
-            shift = z if problem.offset is None else z - problem.offset
-            bias = (shift - s * alpha.float()[None, :]).mean(0, dtype=torch.float64)
+        if cfg.learn_bias:  # mean over rows of z - offset - alpha s
+            scaled = sum(
+                (block * alpha.float()[None, :]).sum(0, dtype=torch.float64) for block in s
+            )
+            bias = (zp["shift_sum"] - scaled) / m
         if cfg.fit_scale:
             alpha, bias = _fit_alpha_bias(problem, s, alpha, bias, cfg.margin)
-        pre = problem.pre_activation(s, alpha, bias)
-        z, zcost = z_step(pre)
-        err, agree = problem.true_error(pre)
-        if float(err.sum()) < best[0]:
-            best = (float(err.sum()), weights_t.clone(), alpha.clone(), bias.clone())
+        zp = z_pass(s, alpha, bias)
+        err = float(zp["true_error"].sum())
+        if err < best[0]:
+            best = (err, weights_t.clone(), alpha.clone(), bias.clone())
         history.append(
             {
                 "iter": it,
-                "objective": float(zcost) / m,
-                "true_error": float(err.sum()) / m,
-                "agreement": float(agree.sum()) / (m * c),
+                "objective": float(zp["relaxed"]) / m,
+                "true_error": err / m,
+                "agreement": float(zp["agree"].sum()) / (m * c),
                 "changes": changes,
                 "lam": cfg.repair_lam if repairing else lam_now,
             }
@@ -398,19 +474,19 @@ def solve_layer(
         still = still + 1 if changes == 0 else 0
         if repairing and (still >= 2 or it >= cfg.repair_iters):
             repairing, still = False, 0  # repair phase over: polish with the tight relaxation
-            z, _ = z_step(pre)
+            zp = z_pass(s, alpha, bias)
             continue
         if still >= 2:
             break  # w has not moved for two alternations: the iterate is (close to) a fixed point
         lam_now *= cfg.lam_growth
 
     if cfg.variant == "tsquant":  # keep the best iterate on the true objective
-        _, weights_t, alpha, bias = best
+        _, best_w, alpha, bias = best
+        if not torch.equal(best_w, weights_t):
+            weights_t, s = best_w, problem.projections(best_w.T)
     if cfg.refine:
-        s = problem.projections(weights_t.T)
         alpha, bias = _refine_alpha_bias(problem, s, alpha, bias, cfg)
-    s = problem.projections(weights_t.T)
-    _, agree = problem.true_error(problem.pre_activation(s, alpha, bias))
+    _, agree = problem.true_error(s, alpha, bias)
     return LayerSolution(
         weight_codes=weights_t.T.contiguous().to(grid.code_dtype),
         alpha=alpha.float(),
@@ -422,29 +498,35 @@ def solve_layer(
     )
 
 
+def _shape(a) -> tuple[int, int]:
+    if isinstance(a, RowStore):
+        return a.rows, a.width
+    return tuple(a.shape) if a.dim() == 2 else (-1, -1)
+
+
 def _check_inputs(X, Y, init, bias, offset):
-    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
+    (mx, n), (my, c) = _shape(X), _shape(Y)
+    if mx < 0 or my < 0 or mx != my:
+        shapes = [a.shape if torch.is_tensor(a) else _shape(a) for a in (X, Y)]
         raise ValueError(
-            f"X must be (m, n) and Y (m, c) with the same m; got {tuple(X.shape)} and {tuple(Y.shape)}"
+            f"X must be (m, n) and Y (m, c) with the same m; got {tuple(shapes[0])} and {tuple(shapes[1])}"
         )
-    if X.shape[0] == 0:
+    if mx == 0:
         raise ValueError("no calibration rows: X is empty; give the solver at least one sample")
-    if not torch.isfinite(X).all() or not torch.isfinite(Y).all():
+    tensors = [a for a in (X, Y) if torch.is_tensor(a)]  # row stores were checked on append
+    if any(not torch.isfinite(a).all() for a in tensors):
         raise ValueError("X or Y contains NaN/Inf: check the calibration data and the step-1 model")
-    c, n = Y.shape[1], X.shape[1]
     if init is not None and init.reshape(init.shape[0], -1).shape != (c, n):
         raise ValueError(f"init must have shape ({c}, {n}), got {tuple(init.shape)}")
     if bias is not None and bias.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")
-    if offset is not None and offset.shape != Y.shape:
-        raise ValueError(
-            f"offset must have the shape of Y {tuple(Y.shape)}, got {tuple(offset.shape)}"
-        )
+    if offset is not None and _shape(offset) != (my, c):
+        raise ValueError(f"offset must have the shape of Y {(my, c)}, got {_shape(offset)}")
 
 
 def solve_linear_layer(
-    X: torch.Tensor,
-    T: torch.Tensor,
+    X: torch.Tensor | RowStore,
+    T: torch.Tensor | RowStore,
     init: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     config: SolverConfig | None = None,
@@ -456,35 +538,46 @@ def solve_linear_layer(
     cfg = (config or SolverConfig()).effective
     grid = WeightGrid.from_spec(cfg.weight_bits)
     _check_inputs(X, T, init, bias, None)
-    m, c = T.shape
-    stats = gram(X, cfg.chunk_rows)
-    target = T.double()
-    spread = ((target - target.mean(0)) ** 2).sum().clamp_min(1e-12)
+    xs, ts = as_row_store(X, cfg.chunk_rows), as_row_store(T, cfg.chunk_rows)
+    if xs.block_rows != ts.block_rows:
+        raise ValueError("X and the targets must be stored in the same row blocks")
+    m, c = _shape(T)
+    stats = gram(xs)
+    device = stats.gram.device
+    mean = sum(t.sum(0, dtype=torch.float64) for t in ts.blocks()) / m
+    spread = sum(((t.double() - mean) ** 2).sum() for t in ts.blocks()).clamp_min(1e-12)
     bias = (
-        torch.zeros(c, dtype=torch.float64, device=X.device)
+        torch.zeros(c, dtype=torch.float64, device=device)
         if bias is None
-        else bias.double().clone()
+        else bias.double().to(device).clone()
     )
+
+    def cross_residual():  # X'(T - bias)
+        out = torch.zeros(xs.width, c, dtype=torch.float64, device=device)
+        for x, t in zip(xs.blocks(), ts.blocks(), strict=True):
+            out.addmm_(x.double().T, t.double() - bias)
+        return out
+
     if init is None:
-        init = _ridge_solve(stats.gram, cross(X, target - bias, cfg.chunk_rows), cfg.ridge).T
+        init = _ridge_solve(stats.gram, cross_residual(), cfg.ridge).T
     codes, alpha = quantize_to_grid(init.reshape(c, -1), grid)
     weights_t, alpha = codes.double().T.contiguous(), alpha.double()
 
     def relative_error():
-        pred = torch.zeros_like(target)
-        for rows in row_chunks(m, cfg.chunk_rows):
-            pred[rows] = (X[rows].double() @ weights_t) * alpha + bias
-        return float(((target - pred) ** 2).sum() / spread)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for x, t in zip(xs.blocks(), ts.blocks(), strict=True):
+            total += ((t.double() - (x.double() @ weights_t) * alpha - bias) ** 2).sum()
+        return float(total / spread)
 
     error_init = relative_error()
     history = [{"iter": 0, "relative_error": error_init}]
     for it in range(1, cfg.iters + 1):
-        b = cross(X, target - bias, cfg.chunk_rows)
+        b = cross_residual()
         alpha = _alpha_step(stats.gram, b, weights_t, alpha)
         changes = _grid_round_wstep(stats.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
         alpha = _alpha_step(stats.gram, b, weights_t, alpha)
         # closed-form bias: mean residual, from the column sums of X
-        bias = target.mean(0) - alpha * (stats.column_sum @ weights_t) / m
+        bias = mean - alpha * (stats.column_sum @ weights_t) / m
         history.append({"iter": it, "relative_error": relative_error(), "changes": changes})
         if changes == 0 and it > 1:
             break

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .rows import RowStore, as_row_store
+
 
 class GramAccumulator:
     """Accumulates X'X, X'1 and the row count over chunks of rows of X (each (rows, n))."""
@@ -31,10 +33,12 @@ def row_chunks(m: int, chunk_rows: int) -> Iterator[slice]:
         yield slice(start, min(start + chunk_rows, m))
 
 
-def gram(x: torch.Tensor, chunk_rows: int = 16384) -> GramAccumulator:
-    acc = GramAccumulator(x.shape[1], device=x.device)
-    for rows in row_chunks(x.shape[0], chunk_rows):
-        acc.update(x[rows])
+def gram(x: torch.Tensor | RowStore, chunk_rows: int = 16384) -> GramAccumulator:
+    """X'X, X'1 and the row count, one block of rows at a time."""
+    store = as_row_store(x, chunk_rows)
+    acc = GramAccumulator(store.width, device=store.device)
+    for block in store.blocks():
+        acc.update(block)
     return acc
 
 

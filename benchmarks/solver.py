@@ -1,0 +1,293 @@
+"""Step-2 solver benchmark: TSQ's solver against a Gram-building pass, AdaRound and Brevitas GPTQ.
+
+    python benchmarks/solver.py configs/cifar10_resnet20_zoo.yaml \
+        --step1 runs/bench/cifar10_resnet20_s0_tsq/codes/model.safetensors \
+        --calib 256 1024 4096 --methods gram_pass,tsq,adaround,brevitas_gptq
+
+Every (method, calibration size) runs in its own process, so its peak resident memory
+(ru_maxrss) is its own; all share the step-1 model, the calibration images (drawn from the
+training set with the config's seed) and the per-layer capture code of step 2.
+- gram_pass: per quantized layer, capture its rows from the step-1 model and build X'X: the
+  data pass any solver on these statistics needs (the lower bound of step 2).
+- tsq: step 2 (`tsquant.transform`, the config's transform options).
+- adaround: the same captured problems solved by learned rounding (tsquant.baselines.adaround).
+- brevitas_gptq: Brevitas GPTQ of the FP model on the same calibration images (tsquant[bench]).
+Rows go to benchmarks/solver.json and the solver section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tsquant.pipeline.checkpoints import load_model_weights, write_text_atomic
+from tsquant.pipeline.config import load_config
+from tsquant.pipeline.stages import Context
+from tsquant.solver import gram
+from tsquant.solver.rows import RowStore
+from tsquant.surgery import analyse, quantizable_layers
+from tsquant.training import evaluate
+from tsquant.transform import (
+    TransformConfig,
+    _batches,
+    _Capture,
+    _patch_rows,
+    _positions,
+    transform,
+)
+
+HERE = Path(__file__).resolve().parent
+ROWS, RESULTS = HERE / "solver.json", HERE / "RESULTS.md"
+BEGIN, END = "<!-- solver:begin -->", "<!-- solver:end -->"
+METHODS = ("gram_pass", "tsq", "adaround", "brevitas_gptq")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def transform_config(ctx: Context, method: str, adaround_iters: int) -> TransformConfig:
+    t = ctx.cfg.transform
+    return TransformConfig(
+        weight_bits=t.weight_bits,
+        method=method,
+        adaround_iters=adaround_iters,
+        mode=t.mode,
+        lam=t.lam,
+        iters=t.iters,
+        variant=t.variant,
+        positions_per_image=t.positions_per_image,
+        first_layer=t.first_layer,
+        last_layer=t.last_layer,
+        seed=ctx.cfg.seed,
+        device=ctx.device,
+        verbose=False,
+    )
+
+
+def child(args) -> dict:
+    """One (method, calibration size): prints one JSON row."""
+    cfg = load_config(args.config, {"transform.calib_images": str(args.calib), **dict(args.set)})
+    torch.set_num_threads(args.threads)
+    ctx = Context(cfg)
+    step1 = ctx.step1_model()
+    load_model_weights(step1, Path(args.step1))
+    step1 = step1.to(ctx.device).eval()
+    loader = ctx.calib_loader()
+    ctx.test_loader()  # load the test set now, so it counts in the memory before step 2
+    rss_before = peak_rss_mb()
+    layers = []
+    top1 = agreement = None
+    start = time.perf_counter()
+    if args.method == "gram_pass":
+        tcfg = transform_config(ctx, "tsq", args.adaround_iters)
+        gen = torch.Generator().manual_seed(tcfg.seed)
+        for layer in quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer):
+            t0 = time.perf_counter()
+            gram(capture_inputs(step1, layer, loader, tcfg, gen))
+            layers.append({"layer": layer.name, "wall_s": round(time.perf_counter() - t0, 2)})
+        wall, peak = time.perf_counter() - start, peak_rss_mb()
+    elif args.method in ("tsq", "adaround"):
+        report: list[dict] = []
+        model = transform(
+            step1, loader, transform_config(ctx, args.method, args.adaround_iters), report
+        )
+        wall, peak = time.perf_counter() - start, peak_rss_mb()
+        coded = [r for r in report if r["kind"] == "coded"]
+        agreement = sum(r["agreement"] for r in coded) / len(coded)
+        layers = [
+            {
+                "layer": r["layer"],
+                "wall_s": round(r["capture_s"] + r["solve_s"], 2),
+                "capture_s": round(r["capture_s"], 2),
+                "agreement": round(r["agreement"], 4) if r["kind"] == "coded" else None,
+                "relative_error": round(r["relative_error"], 4) if r["kind"] != "coded" else None,
+            }
+            for r in report
+        ]
+        top1 = evaluate(model, ctx.test_loader(), ctx.device, "eval")
+    else:
+        from tsquant.baselines import brevitas_gptq
+
+        fp = ctx.load("train", ctx.fp_model()) if ctx.done("train") else _fp_from(ctx)
+        t = cfg.transform
+        model = brevitas_gptq(fp.eval(), loader, t.weight_bits, cfg.codes.bits)
+        wall, peak = time.perf_counter() - start, peak_rss_mb()
+        top1 = evaluate(model, ctx.test_loader(), ctx.device, "eval")
+    device = (
+        torch.cuda.get_device_name(ctx.device)
+        if ctx.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {args.threads} torch threads"
+    )
+    return {
+        "model": cfg.model.name,
+        "dataset": ctx.dataset("test").title or cfg.data.dataset,
+        "method": args.method,
+        "calib_images": args.calib,
+        "positions_per_image": cfg.transform.positions_per_image,
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(peak, 1),  # during the method, before the test evaluation
+        "rss_before_mb": round(rss_before, 1),
+        "agreement": None if agreement is None else round(agreement, 4),
+        "top1": top1,
+        "adaround_iters": args.adaround_iters if args.method == "adaround" else None,
+        "device": device,
+        "layers": layers,
+    }
+
+
+def capture_inputs(model, layer, loader, tcfg, gen) -> RowStore:
+    """The layer's input rows over the calibration set (one forward pass, stopped at the layer),
+    sampled and stored as step 2 does: the data any solver of these statistics needs."""
+    capture = _Capture(model, {"x": (layer.name, "input")})
+    module = model.get_submodule(layer.name)
+    store = RowStore()
+    try:
+        with torch.no_grad():
+            for x in _batches(loader, None, tcfg.device):
+                got = capture.run(x)["x"]
+                if isinstance(module, torch.nn.Conv2d):
+                    out_hw = module(got[:1]).shape[2:]
+                    pos = _positions(
+                        x.shape[0], out_hw[0] * out_hw[1], tcfg.positions_per_image, gen
+                    )
+                    store.append(_patch_rows(module, got, pos.to(got.device)))
+                else:
+                    store.append(got.flatten(1))
+    finally:
+        capture.close()
+    return store
+
+
+def _fp_from(ctx: Context):
+    """The FP model of a config that starts from init_checkpoint (the zoo)."""
+    model = ctx.fp_model()
+    load_model_weights(model, Path(ctx.cfg.init_checkpoint))
+    return model.to(ctx.device)
+
+
+def table(rows: list[dict]) -> str:
+    head = rows[0]
+    lines = [
+        "## Step-2 solver at scale",
+        "",
+        f"{head['dataset']}, {head['model']}, step-1 model `{head['step1']}`, "
+        f"{head['positions_per_image']} sampled positions per image, {head['device']}, "
+        f"{head['date']}. Command: `{head['command']}`.",
+        "",
+        "| calib images | method | wall (s) | x gram pass | peak RSS (MB) | RSS before step 2 (MB) "
+        "| code agreement | test top-1 (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for calib in sorted({r["calib_images"] for r in rows}):
+        group = [r for r in rows if r["calib_images"] == calib]
+        base = next((r["wall_s"] for r in group if r["method"] == "gram_pass"), None)
+        for r in group:
+            ratio = f"{r['wall_s'] / base:.2f}" if base else "-"
+            name = r["method"] + (
+                f" ({r['adaround_iters']} it/layer)" if r["adaround_iters"] else ""
+            )
+            agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.2f} %"
+            top1 = "-" if r["top1"] is None else f"{r['top1']:.2f}"
+            lines.append(
+                f"| {calib} | {name} | {r['wall_s']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+                f"{r['rss_before_mb']:.0f} | {agree} | {top1} |"
+            )
+    tsq = {r["calib_images"]: r for r in rows if r["method"] == "tsq"}
+    ada = {r["calib_images"]: r for r in rows if r["method"] == "adaround"}
+    if len(tsq) > 1:
+        lo, hi = min(tsq), max(tsq)
+        lines += [
+            "",
+            f"TSQ peak RSS at {hi} vs {lo} calibration images: "
+            f"{tsq[hi]['peak_rss_mb'] / tsq[lo]['peak_rss_mb']:.2f}x.",
+        ]
+    for calib in sorted(set(tsq) & set(ada)):
+        lines.append(
+            f"At {calib} images AdaRound / TSQ wall time: "
+            f"{ada[calib]['wall_s'] / tsq[calib]['wall_s']:.1f}x."
+        )
+    lines += ["", "Per-layer times and agreements: benchmarks/solver.json."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--step1", required=True, help="step-1 model weights (.safetensors)")
+    parser.add_argument("--calib", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--adaround-iters", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--set", action="append", default=[], type=lambda s: s.split("=", 1))
+    parser.add_argument("--out", type=Path, default=ROWS)
+    parser.add_argument("--child", choices=METHODS, dest="method")
+    args = parser.parse_args()
+    if args.method:  # the worker process
+        args.calib = args.calib[0]
+        print("ROW " + json.dumps(child(args)), flush=True)
+        return 0
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}: use {', '.join(METHODS)}")
+    if not Path(args.step1).is_file():
+        parser.error(f"step-1 weights {args.step1} not found: run `tsquant codes CONFIG` first")
+    command = "python benchmarks/solver.py " + " ".join(sys.argv[1:])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    rows = []
+    for calib in args.calib:
+        for method in methods:
+            cmd = [
+                sys.executable,
+                __file__,
+                args.config,
+                "--step1",
+                args.step1,
+                "--calib",
+                str(calib),
+                "--child",
+                method,
+                "--adaround-iters",
+                str(args.adaround_iters),
+                "--threads",
+                str(args.threads),
+            ]
+            for key, value in args.set:
+                cmd += ["--set", f"{key}={value}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            if done.returncode != 0 or not found:
+                print(done.stderr[-3000:], file=sys.stderr)
+                print(
+                    f"{method} at {calib} images failed (exit {done.returncode})", file=sys.stderr
+                )
+                return 1
+            row = {**json.loads(found[0]), "step1": args.step1, "command": command, "date": date}
+            rows.append(row)
+            print(
+                f"{calib:5d} {method:<14} {row['wall_s']:8.1f} s  peak {row['peak_rss_mb']:7.0f} MB"
+                f"  agreement {row['agreement']}  top-1 {row['top1']}",
+                flush=True,
+            )
+            write_text_atomic(args.out, json.dumps(rows, indent=2) + "\n")
+    if args.out == ROWS:
+        from deploy import replace_section
+
+        text = RESULTS.read_text() if RESULTS.exists() else "# tsquant benchmark results\n"
+        write_text_atomic(RESULTS, replace_section(text, BEGIN, END, table(rows)))
+        print(f"wrote {ROWS} and {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Compact row storage for step 2's passes over a layer's data (TSQ-METHOD.md, step 2).
+
+The solver reads X (layer inputs), the targets and the residual offsets only in passes over
+rows, so they are appended block by block and decoded one block at a time. In a TSQ network the
+inputs of a quantized layer are step-1 codes (a few levels times the step) plus zero padding, so
+a block is kept as uint8 indices into a palette of at most 256 float32 values, packed four to a
+byte while the palette has at most four values: 16x smaller than float32, and decoding is exact.
+Data with more distinct values (an FP first layer's output, linear targets) stays float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+MAX_PALETTE = 256
+_SAMPLE = 1 << 16  # values looked at to guess the palette of the first block
+
+
+class RowStore:
+    """Rows of an (m, k) matrix, appended in blocks (each (rows, k)) and read back block by block."""
+
+    def __init__(self, compress: bool = True):
+        self.compress = compress
+        self.palette: torch.Tensor | None = None  # sorted float32 values, None: float32 blocks
+        self.width: int | None = None
+        self.block_rows: list[int] = []
+        self._blocks: list[torch.Tensor] = []
+        self._packed = False  # indices packed four per byte (palette of <= 4 values)
+        self._decided = not compress  # palette or floats: decided on the first non-empty block
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, block_rows: int = 16384) -> RowStore:
+        """Wrap a whole (m, k) tensor as float32 blocks (views where x is float32 already)."""
+        if x.dim() != 2:
+            raise ValueError(f"a row store holds (rows, k) matrices, got shape {tuple(x.shape)}")
+        store = cls(compress=False)
+        store.width = x.shape[1]
+        for start in range(0, x.shape[0], block_rows):
+            block = x[start : start + block_rows].float()
+            store._blocks.append(block)
+            store.block_rows.append(block.shape[0])
+        return store
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        return sum(self.block_rows)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self._blocks[0].device if self._blocks else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._blocks)
+
+    def block(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Block i decoded to (rows_i, k) of dtype (float32: the values as stored)."""
+        stored = self._blocks[i]
+        if self.palette is None or stored.shape[0] == 0:
+            return stored.to(dtype).reshape(stored.shape[0], self.width)
+        table = self._table(dtype)
+        if self._packed:  # one lookup per byte gives its four values
+            return F.embedding(stored.int(), table).view(stored.shape[0], -1)[:, : self.width]
+        return F.embedding(stored.int(), table).view(stored.shape[0], -1)
+
+    def rows_at(self, i: int, index: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Rows `index` of block i, decoded (only those rows are decoded)."""
+        stored = self._blocks[i][index]
+        if self.palette is None or stored.shape[0] == 0:
+            return stored.to(dtype).reshape(stored.shape[0], self.width)
+        decoded = F.embedding(stored.int(), self._table(dtype)).view(stored.shape[0], -1)
+        return decoded[:, : self.width] if self._packed else decoded
+
+    def _table(self, dtype: torch.dtype) -> torch.Tensor:
+        """Decoding table: palette values (P, 1), or for packed bytes all 256 bytes' 4 values."""
+        key = (dtype, self._packed, self.palette.numel())
+        if getattr(self, "_table_key", None) != key:
+            values = self.palette.to(dtype)
+            if self._packed:
+                byte = torch.arange(256, device=values.device)
+                index = torch.stack([(byte >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1)
+                values = torch.cat([values, values.new_zeros(4 - values.numel())])
+                self._table_value = values[index]  # (256, 4)
+            else:
+                self._table_value = values[:, None]
+            self._table_key = key
+        return self._table_value
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        for i in range(self.num_blocks):
+            yield self.block(i)
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.cat(list(self.blocks())) if self._blocks else torch.empty(0, self.width or 0)
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def append(self, rows: torch.Tensor) -> None:
+        rows = rows.detach()
+        if rows.dim() != 2:
+            raise ValueError(f"append takes (rows, k) blocks, got shape {tuple(rows.shape)}")
+        if self.width is None:
+            self.width = rows.shape[1]
+        elif rows.shape[1] != self.width:
+            raise ValueError(f"block has {rows.shape[1]} columns, the store {self.width}")
+        if not torch.isfinite(rows).all():
+            raise ValueError("rows contain NaN or Inf: check the calibration data and the model")
+        rows = rows.float()
+        if rows.shape[0] == 0:
+            self.block_rows.append(0)
+            self._blocks.append(rows.new_zeros(0, self.width))
+            return
+        if not self._decided:
+            self._decided = True
+            flat = rows.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLE)]
+            candidates = torch.unique(sample)
+            if candidates.numel() <= MAX_PALETTE:
+                self.palette = candidates
+                self._packed = candidates.numel() <= 4
+        self.block_rows.append(rows.shape[0])
+        if self.palette is None:
+            self._blocks.append(rows.contiguous())
+            return
+        indices = self._encode(rows)
+        if indices is None:  # more than MAX_PALETTE distinct values: store floats
+            self._blocks.append(rows.contiguous())
+        else:
+            self._blocks.append(self._encoded(indices))
+
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor | None:
+        flat = rows.reshape(-1)
+        index = torch.searchsorted(self.palette, flat).clamp_(max=self.palette.numel() - 1)
+        hit = self.palette[index] == flat
+        if bool(hit.all()):
+            return index.to(torch.uint8).view(rows.shape)
+        merged = torch.unique(torch.cat([self.palette, torch.unique(flat[~hit])]))
+        if merged.numel() > MAX_PALETTE:
+            self._to_float()
+            return None
+        self._repalette(merged)
+        return self._encode(rows)
+
+    def _repalette(self, merged: torch.Tensor) -> None:
+        old = [self._indices(i) for i in range(self.num_blocks)]
+        remap = torch.searchsorted(merged, self.palette).to(torch.uint8)
+        self.palette, self._packed = merged, merged.numel() <= 4
+        self._blocks = [self._encoded(remap[idx.long()]) for idx in old]
+
+    def _to_float(self) -> None:
+        self._blocks = [self.block(i) for i in range(self.num_blocks)]
+        self.palette, self._packed = None, False
+
+    def _indices(self, i: int) -> torch.Tensor:
+        stored = self._blocks[i]
+        if stored.shape[0] == 0:
+            return torch.zeros(0, self.width, dtype=torch.uint8, device=stored.device)
+        return self._unpack(stored, self.width) if self._packed else stored
+
+    def _encoded(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.shape[0] == 0:
+            return indices.new_zeros(0, self.width)  # empty blocks carry no data in any format
+        return self._pack(indices) if self._packed else indices
+
+    @staticmethod
+    def _pack(indices: torch.Tensor) -> torch.Tensor:
+        rows, k = indices.shape
+        pad = (-k) % 4
+        if pad:
+            indices = torch.cat([indices, indices.new_zeros(rows, pad)], dim=1)
+        q = indices.view(rows, -1, 4)
+        return q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
+
+    @staticmethod
+    def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+        parts = [(packed >> shift) & 3 for shift in (0, 2, 4, 6)]
+        return torch.stack(parts, dim=2).view(packed.shape[0], -1)[:, :k]
+
+
+def as_row_store(x: torch.Tensor | RowStore, block_rows: int) -> RowStore:
+    return x if isinstance(x, RowStore) else RowStore.from_tensor(x, block_rows)
