@@ -40,6 +40,7 @@ class TransformConfig:
     iters: int = 20
     variant: str = "tsquant"  # or "paper"
     positions_per_image: int = 64  # sampled output positions per image for conv layers
+    cache_mb: int = 128  # per row store: decoded rows kept for the solver's passes (speed/memory)
     max_images: int | None = None  # cap on calibration images (None: the whole loader)
     first_layer: str = "fp"  # "fp" or "quantize"
     last_layer: str = "fp"
@@ -214,8 +215,9 @@ def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen
     tgt_cap = _Capture(step1, {"y": (tgt_name, tgt_where)})
     module = source.get_submodule(layer.name)
     # one block per calibration batch, kept compactly (step-1 codes take a few values)
-    xs, ys = RowStore(), RowStore()
-    offs = RowStore() if layer.residual else None
+    cache = cfg.cache_mb * 2**20
+    xs, ys = RowStore(cache_bytes=cache), RowStore()
+    offs = RowStore(cache_bytes=cache) if layer.residual else None
     try:
         with torch.no_grad():
             for x in _batches(loader, cfg.max_images, cfg.device):

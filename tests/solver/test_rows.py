@@ -129,3 +129,15 @@ def test_misaligned_blocks_are_refused():
     x, y, quantizer, _, _ = planted_code_problem(2, m=100)
     with pytest.raises(ValueError, match="same row blocks"):
         solve_layer(stored(x, 30), stored(y, 40), quantizer)
+
+
+def test_decoded_blocks_are_cached_up_to_the_budget_only():
+    codes = torch.randint(0, 4, (30, 8), generator=torch.Generator().manual_seed(3)).float()
+    store = RowStore(cache_bytes=10 * 8 * 4)  # room for one decoded block of 10 rows
+    for start in (0, 10, 20):
+        store.append(codes[start : start + 10])
+    first = store.block(0)
+    assert store.block(0) is first and store.cached_bytes == 10 * 8 * 4
+    assert store.block(1) is not store.block(1)  # over the budget: decoded every time
+    assert torch.equal(store.to_tensor(), codes)
+    assert store.nbytes == 30 * 2  # the packed codes; the cache is not counted

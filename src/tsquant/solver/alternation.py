@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..quantizers.activation import SparseQuantizer
+from ..quantizers.activation import SparseQuantizer, count_edges_below
 from ..quantizers.weight import WeightGrid, quantize_to_grid
 from .rows import RowStore, as_row_store
 from .statistics import gram
@@ -152,7 +152,13 @@ class _Problem:
         return self._bounds
 
     def codes_of(self, pre: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(pre, self.edges, right=False)
+        return self._codes(pre).long()
+
+    def _codes(self, pre: torch.Tensor) -> torch.Tensor:
+        return count_edges_below(pre, self.edges)  # uint8
+
+    def _code_diff(self, pre: torch.Tensor, block: int) -> torch.Tensor:
+        return self._codes(pre).to(torch.int16) - self.code_blocks[block]
 
     def projections(self, weights: torch.Tensor) -> list[torch.Tensor]:
         """S = X W' per block, float32."""
@@ -173,7 +179,7 @@ class _Problem:
         err = torch.zeros(len(alpha), dtype=torch.float64, device=self.edges.device)
         agree = torch.zeros(len(alpha), dtype=torch.int64, device=self.edges.device)
         for i, s in enumerate(s_blocks):
-            diff = self.codes_of(self.pre_activation(s, alpha, bias, i)) - self.code_blocks[i]
+            diff = self._code_diff(self.pre_activation(s, alpha, bias, i), i)
             err += (diff * diff).sum(0).double()
             agree += (diff == 0).sum(0)
         return err * self.step**2, agree
@@ -216,7 +222,7 @@ class _Problem:
             pre = self.pre_activation(s, alpha, bias, i)
             z, cost = self.z_step(pre, lam, margin, i)
             relaxed += cost
-            diff = self.codes_of(pre) - self.code_blocks[i]
+            diff = self._code_diff(pre, i)
             err += (diff * diff).sum(0).double()
             agree += (diff == 0).sum(0)
             residual = z - bias.float()[None, :]
@@ -224,7 +230,8 @@ class _Problem:
             if self.offset is not None:
                 offset = self.offset.block(i)
                 residual, shift = residual - offset, z - offset
-            b.addmm_(self.x.block(i, torch.float64).T, residual.double())
+            # float32 product per block (X holds codes * step), summed over blocks in float64
+            b += (self.x.block(i).T @ residual).double()
             shift_sum += shift.sum(0, dtype=torch.float64)
         return {
             "b": b,

@@ -22,8 +22,11 @@ _SAMPLE = 1 << 16  # values looked at to guess the palette of the first block
 class RowStore:
     """Rows of an (m, k) matrix, appended in blocks (each (rows, k)) and read back block by block."""
 
-    def __init__(self, compress: bool = True):
+    def __init__(self, compress: bool = True, cache_bytes: int = 0):
         self.compress = compress
+        # decoded float32 blocks kept for reuse, up to cache_bytes (trades memory for speed)
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, torch.Tensor] = {}
         self.palette: torch.Tensor | None = None  # sorted float32 values, None: float32 blocks
         self.width: int | None = None
         self.block_rows: list[int] = []
@@ -67,10 +70,18 @@ class RowStore:
         stored = self._blocks[i]
         if self.palette is None or stored.shape[0] == 0:
             return stored.to(dtype).reshape(stored.shape[0], self.width)
-        table = self._table(dtype)
-        if self._packed:  # one lookup per byte gives its four values
-            return F.embedding(stored.int(), table).view(stored.shape[0], -1)[:, : self.width]
-        return F.embedding(stored.int(), table).view(stored.shape[0], -1)
+        if i in self._cache:
+            return self._cache[i].to(dtype)
+        decoded = F.embedding(stored.int(), self._table(dtype)).view(stored.shape[0], -1)
+        if self._packed:  # one lookup per byte gave its four values
+            decoded = decoded[:, : self.width]
+        if dtype == torch.float32 and self.cached_bytes + 4 * decoded.numel() <= self.cache_bytes:
+            self._cache[i] = decoded = decoded.contiguous()
+        return decoded
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(4 * t.numel() for t in self._cache.values())
 
     def rows_at(self, i: int, index: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Rows `index` of block i, decoded (only those rows are decoded)."""
