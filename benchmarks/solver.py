@@ -107,6 +107,7 @@ def child(args) -> dict:
         layers = [
             {
                 "layer": r["layer"],
+                "rows": r["rows"],
                 "wall_s": round(r["capture_s"] + r["solve_s"], 2),
                 "capture_s": round(r["capture_s"], 2),
                 "agreement": round(r["agreement"], 4) if r["kind"] == "coded" else None,
@@ -182,7 +183,9 @@ def table(rows: list[dict]) -> str:
         "",
         f"{head['dataset']}, {head['model']}, step-1 model `{head['step1']}`, "
         f"{head['positions_per_image']} sampled positions per image, {head['device']}, "
-        f"{head['date']}. Command: `{head['command']}`.",
+        f"{head['date']}. Commands: "
+        + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+        + ".",
         "",
         "| calib images | method | wall (s) | x gram pass | peak RSS (MB) | RSS before step 2 (MB) "
         "| code agreement | test top-1 (%) |",
@@ -230,6 +233,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--set", action="append", default=[], type=lambda s: s.split("=", 1))
     parser.add_argument("--out", type=Path, default=ROWS)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep other rows of --out (same method/size/iters replaced)",
+    )
     parser.add_argument("--child", choices=METHODS, dest="method")
     args = parser.parse_args()
     if args.method:  # the worker process
@@ -244,7 +252,9 @@ def main() -> int:
         parser.error(f"step-1 weights {args.step1} not found: run `tsquant codes CONFIG` first")
     command = "python benchmarks/solver.py " + " ".join(sys.argv[1:])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    rows = []
+    key = lambda r: (r["method"], r["calib_images"], r["adaround_iters"])  # noqa: E731
+    kept = json.loads(args.out.read_text()) if args.merge and args.out.exists() else []
+    rows: list[dict] = []
     for calib in args.calib:
         for method in methods:
             cmd = [
@@ -274,17 +284,20 @@ def main() -> int:
                 return 1
             row = {**json.loads(found[0]), "step1": args.step1, "command": command, "date": date}
             rows.append(row)
+            fresh = {key(r) for r in rows}
+            all_rows = [r for r in kept if key(r) not in fresh] + rows
             print(
                 f"{calib:5d} {method:<14} {row['wall_s']:8.1f} s  peak {row['peak_rss_mb']:7.0f} MB"
                 f"  agreement {row['agreement']}  top-1 {row['top1']}",
                 flush=True,
             )
-            write_text_atomic(args.out, json.dumps(rows, indent=2) + "\n")
+            write_text_atomic(args.out, json.dumps(all_rows, indent=2) + "\n")
     if args.out == ROWS:
         from deploy import replace_section
 
         text = RESULTS.read_text() if RESULTS.exists() else "# tsquant benchmark results\n"
-        write_text_atomic(RESULTS, replace_section(text, BEGIN, END, table(rows)))
+        ordered = sorted(all_rows, key=lambda r: (r["calib_images"], METHODS.index(r["method"])))
+        write_text_atomic(RESULTS, replace_section(text, BEGIN, END, table(ordered)))
         print(f"wrote {ROWS} and {RESULTS}")
     return 0
 

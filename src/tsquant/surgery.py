@@ -328,13 +328,23 @@ def bn_affine(model: nn.Module, layer: Layer) -> tuple[torch.Tensor, torch.Tenso
     bias = module.bias.detach() if module.bias is not None else torch.zeros(c, device=device)
     if layer.bn is None:
         return torch.ones(c, device=device), bias
-    bn = model.get_submodule(layer.bn)
-    sigma = torch.sqrt(bn.running_var + bn.eps)
+    return batchnorm_affine(model.get_submodule(layer.bn), bias)
+
+
+def batchnorm_affine(
+    bn: nn.Module, input_bias=None, dtype=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN(x + input_bias) as scale * x + shift per channel (in dtype if given)."""
+    mean, var = bn.running_mean.detach(), bn.running_var.detach()
+    if dtype is not None:
+        mean, var = mean.to(dtype), var.to(dtype)
+    sigma = torch.sqrt(var + bn.eps)
     scale = 1 / sigma
-    shift = (bias - bn.running_mean) / sigma
+    shift = (-mean if input_bias is None else input_bias.to(mean.dtype) - mean) / sigma
     if bn.affine:
-        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-    return scale.detach(), shift.detach()
+        weight, beta = bn.weight.detach().to(mean.dtype), bn.bias.detach().to(mean.dtype)
+        scale, shift = scale * weight, shift * weight + beta
+    return scale, shift
 
 
 def write_back(model: nn.Module, layer: Layer, codes, alpha, bias, grid) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..quantizers.activation import SparseQuantizer
 from ..quantizers.modules import QuantizedConv2d, QuantizedLinear
-from ..surgery import ADDS, trace
+from ..surgery import ADDS, batchnorm_affine, trace
 
 
 class ExportError(ValueError):
@@ -53,15 +53,6 @@ def _conv_attrs(m: nn.Conv2d) -> dict:
 def _grid_attrs(m) -> dict:
     grid = m.grid
     return {"grid": grid.name, "low": grid.low, "high": grid.high, "spacing": grid.spacing}
-
-
-def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as y = scale * x + shift per channel (float64)."""
-    scale = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = -bn.running_mean.double() * scale
-    if bn.affine:
-        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
-    return scale.detach(), shift.detach()
 
 
 def _slice_attrs(index) -> list[list[int | None]]:
@@ -135,7 +126,7 @@ def build_graph(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor]]:
             elif isinstance(m, nn.Linear):
                 add(node, "linear", src, attrs, weight=m.weight, bias=m.bias)
             elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                scale, shift = _bn_affine(m)
+                scale, shift = batchnorm_affine(m, dtype=torch.float64)
                 add(node, "affine", src, attrs, scale=scale, shift=shift)
             elif isinstance(m, SparseQuantizer):
                 add(node, "quantize", src, {**attrs, "bits": m.bits, "eps": m.eps, "step": m.step})

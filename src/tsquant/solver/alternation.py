@@ -333,7 +333,7 @@ def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, ite
             if newton:
                 active = (gap != 0).float()
                 s_a = s * active
-                for k, term in enumerate((s_a * s, s_a, active, s_a * gap, gap)):
+                for k, term in enumerate((s_a * s, s_a, active, s * gap, gap)):  # gap = 0 off
                     sums[k] += term.sum(0, dtype=torch.float64)
         return loss, sums
 
@@ -347,16 +347,20 @@ def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, ite
         new_a = torch.where(ok, alpha - (h22 * g1 - h12 * g2) / det, alpha)
         new_b = torch.where(ok, bias - (h11 * g2 - h12 * g1) / det, bias)
         step = torch.ones_like(alpha)
-        for _ in range(6):  # backtracking per channel
+        for tries in range(6):  # backtracking per channel
             cand_a, cand_b = alpha + step * (new_a - alpha), bias + step * (new_b - bias)
-            cand_loss, _ = hinge(cand_a, cand_b, False)
+            # the full step is usually taken: its Newton sums then serve the next iteration
+            cand_loss, cand_sums = hinge(cand_a, cand_b, tries == 0)
             good = (cand_loss <= loss) & (cand_a > 0)
             if bool(good.all()):
                 break
             step = torch.where(good, step, step / 2)
         improved = good & (cand_loss < loss * (1 - 1e-6))
         alpha, bias = torch.where(good, cand_a, alpha), torch.where(good, cand_b, bias)
-        loss, sums = hinge(alpha, bias, True)
+        if tries == 0 and bool(good.all()):
+            loss, sums = cand_loss, cand_sums
+        else:
+            loss, sums = hinge(alpha, bias, True)
         if not bool(improved.any()):
             break
     return alpha, bias
