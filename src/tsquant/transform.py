@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
-from .solver.rows import RowStore
+from .solver.rows import CacheBudget, RowStore
 from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
 
 
@@ -40,7 +40,7 @@ class TransformConfig:
     iters: int = 20
     variant: str = "tsquant"  # or "paper"
     positions_per_image: int = 64  # sampled output positions per image for conv layers
-    cache_mb: int = 128  # per row store: decoded rows kept for the solver's passes (speed/memory)
+    cache_mb: int = 128  # per layer: decoded rows and bin bounds kept for the solver's passes
     max_images: int | None = None  # cap on calibration images (None: the whole loader)
     first_layer: str = "fp"  # "fp" or "quantize"
     last_layer: str = "fp"
@@ -215,9 +215,9 @@ def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen
     tgt_cap = _Capture(step1, {"y": (tgt_name, tgt_where)})
     module = source.get_submodule(layer.name)
     # one block per calibration batch, kept compactly (step-1 codes take a few values)
-    cache = cfg.cache_mb * 2**20
-    xs, ys = RowStore(cache_bytes=cache), RowStore()
-    offs = RowStore(cache_bytes=cache) if layer.residual else None
+    budget = CacheBudget(cfg.cache_mb * 2**20)
+    xs, ys = RowStore(cache=budget), RowStore()
+    offs = RowStore(cache=budget) if layer.residual else None
     try:
         with torch.no_grad():
             for x in _batches(loader, cfg.max_images, cfg.device):

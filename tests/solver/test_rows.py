@@ -141,3 +141,29 @@ def test_decoded_blocks_are_cached_up_to_the_budget_only():
     assert store.block(1) is not store.block(1)  # over the budget: decoded every time
     assert torch.equal(store.to_tensor(), codes)
     assert store.nbytes == 30 * 2  # the packed codes; the cache is not counted
+
+
+@pytest.mark.parametrize("budget", [0, 40_000])
+def test_a_small_cache_budget_changes_memory_not_results(budget):
+    from tsquant import SolverConfig
+    from tsquant.solver.rows import CacheBudget
+
+    x, y, quantizer, offset, init = planted_code_problem(3)
+    cfg = SolverConfig(chunk_rows=500, iters=4)
+
+    def stores(limit):
+        cache = CacheBudget(limit)
+        xs, offs = RowStore(cache=cache), RowStore(cache=cache)
+        for start in range(0, x.shape[0], 500):
+            xs.append(x[start : start + 500])
+            offs.append(offset[start : start + 500])
+        return xs, offs, cache
+
+    xs, offs, cache = stores(budget)
+    small = solve_layer(xs, stored(y, 500), quantizer, init=init, offset=offs, config=cfg)
+    assert cache.used <= budget
+    xs, offs, cache = stores(1 << 40)
+    large = solve_layer(xs, stored(y, 500), quantizer, init=init, offset=offs, config=cfg)
+    assert cache.used > budget
+    assert torch.equal(small.weight_codes, large.weight_codes)
+    assert torch.equal(small.alpha, large.alpha) and torch.equal(small.bias, large.bias)

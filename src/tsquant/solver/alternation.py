@@ -134,22 +134,32 @@ class _Problem:
         """All target codes (m, c) as int64 (for tests and small problems)."""
         return torch.cat(self.code_blocks).long()
 
-    def bin_bounds(self, margin: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def bin_bounds(self, margin: float) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per block, the target bin of every element shrunk by margin * d: (lower, upper).
 
-        Kept for the whole solve (two float32 values per element, like the projections): the
-        alpha/bias fit reads them in every one of its passes."""
+        The alpha/bias fit reads them in every one of its passes, so they are kept while the
+        problem's cache budget allows (None: formed again on each pass)."""
         if getattr(self, "_bounds_margin", None) != margin:
-            self._bounds = None  # free the old ones first
+            for kept in getattr(self, "_bounds", []):
+                if kept is not None:
+                    self.x.cache.release(8 * kept[0].numel())
             delta = margin * self.step
             inf = self.edges.new_tensor([math.inf])
-            lower_of = torch.cat([-inf, self.edges + delta])
-            upper_of = torch.cat([self.edges - delta, inf])
+            self.bound_tables = (
+                torch.cat([-inf, self.edges + delta]),
+                torch.cat([self.edges - delta, inf]),
+            )
             self._bounds = [
-                (lower_of[codes.int()], upper_of[codes.int()]) for codes in self.code_blocks
+                self._bounds_of(i) if self.x.cache.take(8 * codes.numel()) else None
+                for i, codes in enumerate(self.code_blocks)
             ]
             self._bounds_margin = margin
         return self._bounds
+
+    def _bounds_of(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.code_blocks[block].int()
+        lower_of, upper_of = self.bound_tables
+        return lower_of[codes], upper_of[codes]
 
     def codes_of(self, pre: torch.Tensor) -> torch.Tensor:
         return self._codes(pre).long()
@@ -326,7 +336,7 @@ def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, ite
         loss = torch.zeros_like(a, dtype=torch.float64)
         sums = torch.zeros(5, len(a), dtype=torch.float64, device=a.device)
         for i, s in enumerate(s_blocks):
-            lower, upper = bounds[i]
+            lower, upper = bounds[i] if bounds[i] is not None else problem._bounds_of(i)
             pre = problem.pre_activation(s, a, b, i)
             gap = pre - torch.maximum(torch.minimum(pre, upper), lower)  # 0 inside the bin
             loss += (gap * gap).sum(0, dtype=torch.float64)
@@ -417,6 +427,12 @@ def solve_layer(
     _check_inputs(X, Y, init, bias, offset)
     problem = _Problem(X, Y, quantizer, offset, cfg.chunk_rows)
     m, c = problem.m, _shape(Y)[1]
+    # the cache budget goes first to what every pass reads (offsets, bin bounds), then to X
+    if problem.offset is not None:
+        for i in range(problem.offset.num_blocks):
+            problem.offset.block(i)
+    if cfg.fit_scale:
+        problem.bin_bounds(cfg.margin)
     device = problem.edges.device
     bias = (
         torch.zeros(c, dtype=torch.float64, device=device)
@@ -454,6 +470,7 @@ def solve_layer(
         alpha = _alpha_step(problem.gram, b, weights_t, alpha)
         changes = _grid_round_wstep(problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
         alpha = _alpha_step(problem.gram, b, weights_t, alpha)
+        s = None  # free the old projections first: peak memory holds one set
         s = problem.projections(weights_t.T)
         if cfg.learn_bias:  # mean over rows of z - offset - alpha s
             scaled = sum(
@@ -494,6 +511,7 @@ def solve_layer(
     if cfg.variant == "tsquant":  # keep the best iterate on the true objective
         _, best_w, alpha, bias = best
         if not torch.equal(best_w, weights_t):
+            s = None
             weights_t, s = best_w, problem.projections(best_w.T)
     if cfg.refine:
         alpha, bias = _refine_alpha_bias(problem, s, alpha, bias, cfg)

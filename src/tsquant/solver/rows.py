@@ -19,13 +19,33 @@ MAX_PALETTE = 256
 _SAMPLE = 1 << 16  # values looked at to guess the palette of the first block
 
 
+class CacheBudget:
+    """Bytes that one layer problem may keep in decoded rows and per-row helpers (speed for
+    memory): shared by its row stores and the solver, so peak memory stays bounded however many
+    calibration rows there are."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.used = limit_bytes, 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
 class RowStore:
     """Rows of an (m, k) matrix, appended in blocks (each (rows, k)) and read back block by block."""
 
-    def __init__(self, compress: bool = True, cache_bytes: int = 0):
+    def __init__(
+        self, compress: bool = True, cache_bytes: int = 0, cache: CacheBudget | None = None
+    ):
         self.compress = compress
-        # decoded float32 blocks kept for reuse, up to cache_bytes (trades memory for speed)
-        self.cache_bytes = cache_bytes
+        # decoded float32 blocks kept for reuse while the budget allows
+        self.cache = cache if cache is not None else CacheBudget(cache_bytes)
         self._cache: dict[int, torch.Tensor] = {}
         self.palette: torch.Tensor | None = None  # sorted float32 values, None: float32 blocks
         self.width: int | None = None
@@ -39,7 +59,7 @@ class RowStore:
         """Wrap a whole (m, k) tensor as float32 blocks (views where x is float32 already)."""
         if x.dim() != 2:
             raise ValueError(f"a row store holds (rows, k) matrices, got shape {tuple(x.shape)}")
-        store = cls(compress=False)
+        store = cls(compress=False, cache=CacheBudget(1 << 62))  # held whole already: no limit
         store.width = x.shape[1]
         for start in range(0, x.shape[0], block_rows):
             block = x[start : start + block_rows].float()
@@ -65,8 +85,9 @@ class RowStore:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._blocks)
 
-    def block(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Block i decoded to (rows_i, k) of dtype (float32: the values as stored)."""
+    def block(self, i: int, dtype: torch.dtype = torch.float32, keep: bool = True) -> torch.Tensor:
+        """Block i decoded to (rows_i, k) of dtype (float32: the values as stored); keep: cache
+        the decoded block while the budget allows."""
         stored = self._blocks[i]
         if self.palette is None or stored.shape[0] == 0:
             return stored.to(dtype).reshape(stored.shape[0], self.width)
@@ -75,7 +96,7 @@ class RowStore:
         decoded = F.embedding(stored.int(), self._table(dtype)).view(stored.shape[0], -1)
         if self._packed:  # one lookup per byte gave its four values
             decoded = decoded[:, : self.width]
-        if dtype == torch.float32 and self.cached_bytes + 4 * decoded.numel() <= self.cache_bytes:
+        if keep and dtype == torch.float32 and self.cache.take(4 * decoded.numel()):
             self._cache[i] = decoded = decoded.contiguous()
         return decoded
 

@@ -37,8 +37,8 @@ def gram(x: torch.Tensor | RowStore, chunk_rows: int = 16384) -> GramAccumulator
     """X'X, X'1 and the row count, one block of rows at a time."""
     store = as_row_store(x, chunk_rows)
     acc = GramAccumulator(store.width, device=store.device)
-    for block in store.blocks():
-        acc.update(block)
+    for i in range(store.num_blocks):  # one pass: not worth a place in the cache
+        acc.update(store.block(i, keep=False))
     return acc
 
 
