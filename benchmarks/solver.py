@@ -252,7 +252,7 @@ def main() -> int:
         parser.error(f"step-1 weights {args.step1} not found: run `tsquant codes CONFIG` first")
     command = "python benchmarks/solver.py " + " ".join(sys.argv[1:])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    key = lambda r: (r["method"], r["calib_images"], r["adaround_iters"])  # noqa: E731
+    row_key = lambda r: (r["method"], r["calib_images"], r["adaround_iters"])  # noqa: E731
     kept = json.loads(args.out.read_text()) if args.merge and args.out.exists() else []
     rows: list[dict] = []
     for calib in args.calib:
@@ -284,8 +284,8 @@ def main() -> int:
                 return 1
             row = {**json.loads(found[0]), "step1": args.step1, "command": command, "date": date}
             rows.append(row)
-            fresh = {key(r) for r in rows}
-            all_rows = [r for r in kept if key(r) not in fresh] + rows
+            fresh = {row_key(r) for r in rows}
+            all_rows = [r for r in kept if row_key(r) not in fresh] + rows
             print(
                 f"{calib:5d} {method:<14} {row['wall_s']:8.1f} s  peak {row['peak_rss_mb']:7.0f} MB"
                 f"  agreement {row['agreement']}  top-1 {row['top1']}",
