@@ -66,6 +66,7 @@ def transform_config(ctx: Context, method: str, adaround_iters: int) -> Transfor
         iters=t.iters,
         variant=t.variant,
         positions_per_image=t.positions_per_image,
+        cache_mb=t.cache_mb,
         first_layer=t.first_layer,
         last_layer=t.last_layer,
         seed=ctx.cfg.seed,

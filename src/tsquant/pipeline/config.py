@@ -98,6 +98,7 @@ class TransformStageConfig:
     adaround_iters: int = opt(10_000, "Adam iterations per layer of method adaround")
     calib_images: int = opt(2000, "calibration images (drawn from the training set)")
     positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
+    cache_mb: int = opt(128, "MB per layer of decoded rows kept for the solver (speed vs memory)")
     first_layer: str = opt("fp", "first layer: fp or quantize")
     last_layer: str = opt("fp", "last layer: fp or quantize")
 
@@ -246,6 +247,7 @@ def validate(config, prefix: str = "") -> None:
         "verify_images": lambda v: v >= 0,
         "card_images": lambda v: v >= 1,
         "positions_per_image": lambda v: v >= 1,
+        "cache_mb": lambda v: v >= 0,
         "mode": lambda v: v in ("sequential", "parallel"),
         "method": lambda v: v in ("tsq", "otwa", "adaround"),
         "adaround_iters": lambda v: v >= 1,

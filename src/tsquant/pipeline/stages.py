@@ -188,6 +188,7 @@ def stage_transform(ctx: Context) -> None:
         iters=t.iters,
         variant=t.variant,
         positions_per_image=t.positions_per_image,
+        cache_mb=t.cache_mb,
         first_layer=t.first_layer,
         last_layer=t.last_layer,
         seed=ctx.cfg.seed,
