@@ -37,7 +37,6 @@ from tsquant.solver.rows import RowStore
 from tsquant.surgery import analyse, quantizable_layers
 from tsquant.training import evaluate
 from tsquant.transform import (
-    TransformConfig,
     _batches,
     _Capture,
     _patch_rows,
@@ -55,26 +54,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def transform_config(ctx: Context, method: str, adaround_iters: int) -> TransformConfig:
-    t = ctx.cfg.transform
-    return TransformConfig(
-        weight_bits=t.weight_bits,
-        method=method,
-        adaround_iters=adaround_iters,
-        mode=t.mode,
-        lam=t.lam,
-        iters=t.iters,
-        variant=t.variant,
-        positions_per_image=t.positions_per_image,
-        cache_mb=t.cache_mb,
-        first_layer=t.first_layer,
-        last_layer=t.last_layer,
-        seed=ctx.cfg.seed,
-        device=ctx.device,
-        verbose=False,
-    )
-
-
 def child(args) -> dict:
     """One (method, calibration size): prints one JSON row."""
     cfg = load_config(args.config, {"transform.calib_images": str(args.calib), **dict(args.set)})
@@ -90,7 +69,7 @@ def child(args) -> dict:
     top1 = agreement = None
     start = time.perf_counter()
     if args.method == "gram_pass":
-        tcfg = transform_config(ctx, "tsq", args.adaround_iters)
+        tcfg = ctx.transform_config(verbose=False)
         gen = torch.Generator().manual_seed(tcfg.seed)
         for layer in quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer):
             t0 = time.perf_counter()
@@ -100,7 +79,12 @@ def child(args) -> dict:
     elif args.method in ("tsq", "adaround"):
         report: list[dict] = []
         model = transform(
-            step1, loader, transform_config(ctx, args.method, args.adaround_iters), report
+            step1,
+            loader,
+            ctx.transform_config(
+                method=args.method, adaround_iters=args.adaround_iters, verbose=False
+            ),
+            report,
         )
         wall, peak = time.perf_counter() - start, peak_rss_mb()
         coded = [r for r in report if r["kind"] == "coded"]

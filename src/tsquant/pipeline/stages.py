@@ -98,6 +98,26 @@ class Context:
         meta = load_json(self.stage_dir("transform") / "meta.json")
         return quantized_skeleton(self.step1_model(), meta["quantized_layers"], meta["weight_bits"])
 
+    def transform_config(self, **overrides) -> TransformConfig:
+        """Step-2 options of this run (the transform section, seed and device) + overrides."""
+        t = self.cfg.transform
+        options = {
+            "weight_bits": t.weight_bits,
+            "method": t.method,
+            "adaround_iters": t.adaround_iters,
+            "mode": t.mode,
+            "lam": t.lam,
+            "iters": t.iters,
+            "variant": t.variant,
+            "positions_per_image": t.positions_per_image,
+            "cache_mb": t.cache_mb,
+            "first_layer": t.first_layer,
+            "last_layer": t.last_layer,
+            "seed": self.cfg.seed,
+            "device": self.device,
+        }
+        return TransformConfig(**{**options, **overrides})
+
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
@@ -179,21 +199,7 @@ def stage_codes(ctx: Context) -> None:
 def stage_transform(ctx: Context) -> None:
     step1 = ctx.load("codes", ctx.step1_model())
     t = ctx.cfg.transform
-    tcfg = TransformConfig(
-        weight_bits=t.weight_bits,
-        method=t.method,
-        adaround_iters=t.adaround_iters,
-        mode=t.mode,
-        lam=t.lam,
-        iters=t.iters,
-        variant=t.variant,
-        positions_per_image=t.positions_per_image,
-        cache_mb=t.cache_mb,
-        first_layer=t.first_layer,
-        last_layer=t.last_layer,
-        seed=ctx.cfg.seed,
-        device=ctx.device,
-    )
+    tcfg = ctx.transform_config()
     layers = quantizable_layers(analyse(step1), t.first_layer, t.last_layer)
     rows: list[dict] = []
     start = time.time()
