@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..quantizers.modules import conv_geometry
 from ..surgery import swap_for_qat
 
 
@@ -42,15 +43,7 @@ def prepare_brevitas(model: nn.Module, weight_bits="ternary", act_bits: int = 2)
     def weight_layer(module):
         if isinstance(module, nn.Conv2d):
             new = qnn.QuantConv2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                bias=module.bias is not None,
-                weight_quant=wq,
+                **conv_geometry(module), bias=module.bias is not None, weight_quant=wq
             )
         else:
             new = qnn.QuantLinear(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantizers.modules import conv_geometry
 from ..surgery import swap_for_qat
 
 
@@ -56,17 +57,7 @@ class _LSQWeight:
 class LSQConv2d(_LSQWeight, nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, spec="ternary") -> LSQConv2d:
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-        )
+        new = cls(**conv_geometry(conv), bias=conv.bias is not None)
         new.load_state_dict(conv.state_dict())
         new._init_lsq(spec)
         return new.to(conv.weight.device)

@@ -79,6 +79,20 @@ class _GridWeightMixin:
         return _RoundToGridSTE.apply(self.weight / alpha, grid) * alpha
 
 
+def conv_geometry(conv: nn.Conv2d) -> dict:
+    """Constructor arguments of a conv with the shape and arithmetic of ``conv`` (no bias flag)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "padding_mode": conv.padding_mode,
+    }
+
+
 class QuantizedConv2d(_GridWeightMixin, nn.Conv2d):
     def __init__(self, *args, grid: WeightGrid | str | int = "ternary", **kwargs):
         kwargs["bias"] = True
@@ -87,18 +101,7 @@ class QuantizedConv2d(_GridWeightMixin, nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, grid) -> QuantizedConv2d:
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            padding_mode=conv.padding_mode,
-            grid=grid,
-        )
-        return new.to(device=conv.weight.device)
+        return cls(**conv_geometry(conv), grid=grid).to(device=conv.weight.device)
 
     def forward(self, x):
         return self._conv_forward(x, self.quantized_weight(), self.bias)
