@@ -310,7 +310,9 @@ def transform(
             "rows": X.rows,
             "inputs": X.width,
             "channels": Y.width,
-            "stored_mb": round((X.nbytes + Y.nbytes + (offset.nbytes if offset else 0)) / 2**20, 2),
+            "stored_mb": round(
+                (X.nbytes + Y.nbytes + (offset.nbytes if offset is not None else 0)) / 2**20, 2
+            ),
             "capture_s": capture_s,
             "solve_s": sol.seconds,
             "agreement_init": sol.agreement_init,

@@ -88,15 +88,15 @@ class RowStore:
     def block(self, i: int, dtype: torch.dtype = torch.float32, keep: bool = True) -> torch.Tensor:
         """Block i decoded to (rows_i, k) of dtype (float32: the values as stored); keep: cache
         the decoded block while the budget allows."""
-        stored = self._blocks[i]
-        if self.palette is None or stored.shape[0] == 0:
-            return stored.to(dtype).reshape(stored.shape[0], self.width)
         if i in self._cache:
             return self._cache[i].to(dtype)
-        decoded = F.embedding(stored.int(), self._table(dtype)).view(stored.shape[0], -1)
-        if self._packed:  # one lookup per byte gave its four values
-            decoded = decoded[:, : self.width]
-        if keep and dtype == torch.float32 and self.cache.take(4 * decoded.numel()):
+        decoded = self._decode(self._blocks[i], dtype)
+        if (
+            keep
+            and self.palette is not None
+            and dtype == torch.float32
+            and self.cache.take(4 * decoded.numel())
+        ):
             self._cache[i] = decoded = decoded.contiguous()
         return decoded
 
@@ -106,11 +106,14 @@ class RowStore:
 
     def rows_at(self, i: int, index: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Rows `index` of block i, decoded (only those rows are decoded)."""
-        stored = self._blocks[i][index]
+        return self._decode(self._blocks[i][index], dtype)
+
+    def _decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored rows (palette indices, packed or not, or floats) -> (rows, k) values."""
         if self.palette is None or stored.shape[0] == 0:
             return stored.to(dtype).reshape(stored.shape[0], self.width)
         decoded = F.embedding(stored.int(), self._table(dtype)).view(stored.shape[0], -1)
-        return decoded[:, : self.width] if self._packed else decoded
+        return decoded[:, : self.width] if self._packed else decoded  # packed: 4 values a byte
 
     def _table(self, dtype: torch.dtype) -> torch.Tensor:
         """Decoding table: palette values (P, 1), or for packed bytes all 256 bytes' 4 values."""
@@ -189,7 +192,9 @@ class RowStore:
         self._blocks = [self._encoded(remap[idx.long()]) for idx in old]
 
     def _to_float(self) -> None:
-        self._blocks = [self.block(i) for i in range(self.num_blocks)]
+        self._blocks = [self._decode(stored, torch.float32) for stored in self._blocks]
+        self.cache.release(self.cached_bytes)  # float blocks are read as they are
+        self._cache.clear()
         self.palette, self._packed = None, False
 
     def _indices(self, i: int) -> torch.Tensor:
