@@ -139,14 +139,14 @@ def _score(solution, xs, ys, offs, quantizer, codes0, chunk_rows) -> None:
             _, agree = problem.true_error(problem.projections(codes.double()), alpha, bias)
             setattr(solution, field, float(agree.sum()) / (problem.m * ys.width))
         return
+    mean = sum(t.sum(0, dtype=torch.float64) for t in ys.blocks()) / ys.rows
+    spread = sum(float(((t.double() - mean) ** 2).sum()) for t in ys.blocks())
     for codes, field in (
         (codes0, "relative_error_init"),
         (solution.weight_codes, "relative_error"),
     ):
         w = codes.double().T * alpha
-        mean = sum(t.sum(0, dtype=torch.float64) for t in ys.blocks()) / ys.rows
-        err = spread = 0.0
+        err = 0.0
         for x, t in zip(xs.blocks(), ys.blocks(), strict=True):
             err += float(((t.double() - x.double() @ w - bias) ** 2).sum())
-            spread += float(((t.double() - mean) ** 2).sum())
         setattr(solution, field, err / max(spread, 1e-12))

@@ -19,6 +19,7 @@ Two variants:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -126,8 +127,12 @@ class _Problem:
         self.code_blocks = [
             quantizer.encode(t).to(device=device, dtype=torch.uint8) for t in target_store.blocks()
         ]
-        stats = gram(self.x)
-        self.gram, self.column_sum, self.m = stats.gram, stats.column_sum, stats.rows
+        self.m = self.x.rows
+
+    @functools.cached_property
+    def gram(self) -> torch.Tensor:
+        """X'X in float64, built on first use (scoring a solution needs no Gram)."""
+        return gram(self.x).gram
 
     @property
     def target_codes(self) -> torch.Tensor:
