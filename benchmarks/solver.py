@@ -33,16 +33,9 @@ from tsquant.pipeline.checkpoints import load_model_weights, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context
 from tsquant.solver import gram
-from tsquant.solver.rows import RowStore
 from tsquant.surgery import analyse, quantizable_layers
 from tsquant.training import evaluate
-from tsquant.transform import (
-    _batches,
-    _Capture,
-    _patch_rows,
-    _positions,
-    transform,
-)
+from tsquant.transform import _collect, transform
 
 HERE = Path(__file__).resolve().parent
 ROWS, RESULTS = HERE / "solver.json", HERE / "RESULTS.md"
@@ -73,7 +66,7 @@ def child(args) -> dict:
         gen = torch.Generator().manual_seed(tcfg.seed)
         for layer in quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer):
             t0 = time.perf_counter()
-            gram(capture_inputs(step1, layer, loader, tcfg, gen))
+            gram(_collect(layer, step1, step1, loader, tcfg, gen, None)[0])
             layers.append({"layer": layer.name, "wall_s": round(time.perf_counter() - t0, 2)})
         wall, peak = time.perf_counter() - start, peak_rss_mb()
     elif args.method in ("tsq", "adaround"):
@@ -129,29 +122,6 @@ def child(args) -> dict:
         "device": device,
         "layers": layers,
     }
-
-
-def capture_inputs(model, layer, loader, tcfg, gen) -> RowStore:
-    """The layer's input rows over the calibration set (one forward pass, stopped at the layer),
-    sampled and stored as step 2 does: the data any solver of these statistics needs."""
-    capture = _Capture(model, {"x": (layer.name, "input")})
-    module = model.get_submodule(layer.name)
-    store = RowStore()
-    try:
-        with torch.no_grad():
-            for x in _batches(loader, None, tcfg.device):
-                got = capture.run(x)["x"]
-                if isinstance(module, torch.nn.Conv2d):
-                    out_hw = module(got[:1]).shape[2:]
-                    pos = _positions(
-                        x.shape[0], out_hw[0] * out_hw[1], tcfg.positions_per_image, gen
-                    )
-                    store.append(_patch_rows(module, got, pos.to(got.device)))
-                else:
-                    store.append(got.flatten(1))
-    finally:
-        capture.close()
-    return store
 
 
 def _fp_from(ctx: Context):

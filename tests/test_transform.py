@@ -219,3 +219,21 @@ def test_step2_is_bit_identical_across_runs_on_the_cpu():
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_inputs_only_capture_gives_the_rows_step2_solves():
+    from tsquant.surgery import analyse, quantizable_layers
+    from tsquant.transform import _collect
+
+    loader = calibration((8, 3, 32, 32), 2)
+    step1 = step1_model("resnet20", loader)
+    cfg = TransformConfig(positions_per_image=5, verbose=False)
+    layer = quantizable_layers(analyse(step1), "fp", "fp")[3]  # a residual layer
+    x_full, y, offset = _collect(
+        layer, step1, step1, loader, cfg, torch.Generator().manual_seed(0), "codes"
+    )
+    x_only, none_y, none_offset = _collect(
+        layer, step1, step1, loader, cfg, torch.Generator().manual_seed(0), None
+    )
+    assert none_y is None and none_offset is None and offset is not None
+    assert torch.equal(x_only.to_tensor(), x_full.to_tensor())

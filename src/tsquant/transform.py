@@ -202,42 +202,59 @@ def _batches(loader: Iterable, max_images: int | None, device):
 
 
 def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen, target_kind):
-    """Row stores of X, targets and (residual) offsets of one layer over the calibration set."""
+    """Row stores of X, targets and (residual) offsets of one layer over the calibration set.
+
+    target_kind None: X alone, from one forward pass of ``source`` per batch (no targets, no
+    offsets): the data pass any solver of the layer's statistics needs."""
+    inputs_only = target_kind is None
     src_wanted = {"x": (layer.name, "input")}
-    if layer.residual:
+    if inputs_only:
+        src_wanted["out"] = (layer.name, "output")  # its shape places the sampled positions
+    elif layer.residual:
         src_wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
-    tgt_name, tgt_where = {
-        "codes": (layer.activation, "output"),
-        "pre": (layer.bn, "output"),
-        "out": (layer.name, "output"),
-    }[target_kind]
     src_cap = _Capture(source, src_wanted)
-    tgt_cap = _Capture(step1, {"y": (tgt_name, tgt_where)})
+    tgt_cap = None
+    if not inputs_only:
+        tgt_cap = _Capture(
+            step1,
+            {
+                "y": {
+                    "codes": (layer.activation, "output"),
+                    "pre": (layer.bn, "output"),
+                    "out": (layer.name, "output"),
+                }[target_kind]
+            },
+        )
     module = source.get_submodule(layer.name)
     # one block per calibration batch, kept compactly (step-1 codes take a few values)
     budget = CacheBudget(cfg.cache_mb * 2**20)
-    xs, ys = RowStore(cache=budget), RowStore()
-    offs = RowStore(cache=budget) if layer.residual else None
+    xs = RowStore(cache=budget)
+    ys = None if inputs_only else RowStore()
+    offs = RowStore(cache=budget) if layer.residual and not inputs_only else None
     try:
         with torch.no_grad():
             for x in _batches(loader, cfg.max_images, cfg.device):
-                got, y = src_cap.run(x), tgt_cap.run(x)["y"]
-                offset = got["pre"] - got["bn"] if layer.residual else None
+                got = src_cap.run(x)
+                y = got["out"] if inputs_only else tgt_cap.run(x)["y"]
+                offset = got["pre"] - got["bn"] if offs is not None else None
                 if isinstance(module, nn.Conv2d):
                     spatial = y.shape[2] * y.shape[3]
                     pos = _positions(x.shape[0], spatial, cfg.positions_per_image, gen).to(x.device)
                     xs.append(_patch_rows(module, got["x"], pos))
-                    ys.append(_rows_from_map(y, pos))
+                    if ys is not None:
+                        ys.append(_rows_from_map(y, pos))
                     if offset is not None:
                         offs.append(_rows_from_map(offset, pos))
                 else:
                     xs.append(got["x"].flatten(1))
-                    ys.append(y.flatten(1))
+                    if ys is not None:
+                        ys.append(y.flatten(1))
                     if offset is not None:
                         offs.append(offset.flatten(1))
     finally:
         src_cap.close()
-        tgt_cap.close()
+        if tgt_cap is not None:
+            tgt_cap.close()
     return xs, ys, offs
 
 
