@@ -63,10 +63,10 @@ def child(args) -> dict:
     start = time.perf_counter()
     if args.method == "gram_pass":
         tcfg = ctx.transform_config(verbose=False)
-        gen = torch.Generator().manual_seed(tcfg.seed)
-        for layer in quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer):
+        todo = quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer)
+        for index, layer in enumerate(todo):
             t0 = time.perf_counter()
-            gram(_collect(layer, step1, step1, loader, tcfg, gen, None)[0])
+            gram(_collect(layer, index, step1, loader, tcfg, offsets=False)[0])
             layers.append({"layer": layer.name, "wall_s": round(time.perf_counter() - t0, 2)})
         wall, peak = time.perf_counter() - start, peak_rss_mb()
     elif args.method in ("tsq", "adaround"):

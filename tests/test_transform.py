@@ -221,19 +221,31 @@ def test_step2_is_bit_identical_across_runs_on_the_cpu():
         assert torch.equal(first[name], second[name]), name
 
 
-def test_inputs_only_capture_gives_the_rows_step2_solves():
-    from tsquant.surgery import analyse, quantizable_layers
-    from tsquant.transform import _collect
+def test_targets_from_one_pass_line_up_with_each_layers_inputs():
+    """The step-1 codes of all layers come from one pass, the inputs from one pass per layer:
+    both sample the same positions, so the step-1 layer applied to the captured inputs gives
+    the captured codes."""
+    from tsquant.surgery import analyse, bn_affine, quantizable_layers
+    from tsquant.transform import _capture_targets, _collect
 
     loader = calibration((8, 3, 32, 32), 2)
     step1 = step1_model("resnet20", loader)
     cfg = TransformConfig(positions_per_image=5, verbose=False)
-    layer = quantizable_layers(analyse(step1), "fp", "fp")[3]  # a residual layer
-    x_full, y, offset = _collect(
-        layer, step1, step1, loader, cfg, torch.Generator().manual_seed(0), "codes"
-    )
-    x_only, none_y, none_offset = _collect(
-        layer, step1, step1, loader, cfg, torch.Generator().manual_seed(0), None
-    )
-    assert none_y is None and none_offset is None and offset is not None
-    assert torch.equal(x_only.to_tensor(), x_full.to_tensor())
+    todo = quantizable_layers(analyse(step1), "fp", "fp")
+    wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if layer.kind == "coded"}
+    targets = _capture_targets(step1, wanted, loader, cfg)
+    for i in (0, 3):  # a plain and a residual layer
+        layer = todo[i]
+        x, offset = _collect(layer, i, step1, loader, cfg, offsets=layer.residual)
+        assert (offset is not None) == layer.residual and x.rows == 16 * 5
+        x_only, none = _collect(layer, i, step1, loader, cfg, offsets=False)
+        assert none is None and torch.equal(x_only.to_tensor(), x.to_tensor())
+        weight = step1.get_submodule(layer.name).weight.flatten(1)
+        scale, shift = bn_affine(step1, layer)
+        pre = x.to_tensor() @ (weight * scale[:, None]).T + shift
+        if offset is not None:
+            pre = pre + offset.to_tensor()
+        with torch.no_grad():
+            codes = step1.get_submodule(layer.activation)(pre)
+        # float sums in another order may flip a code sitting on a bin edge, not many
+        assert (codes == targets[i].to_tensor()).float().mean() > 0.99

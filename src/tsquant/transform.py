@@ -80,9 +80,11 @@ class _Stop(Exception):
 class _Capture:
     """Forward hooks that grab named tensors and stop the pass once all have arrived."""
 
-    def __init__(self, model: nn.Module, wanted: dict[str, tuple[str, str]]):
-        # wanted: key -> (module name, "input" | "output")
+    def __init__(self, model: nn.Module, wanted: dict, reduce=None):
+        # wanted: key -> (module name, "input" | "output"); reduce(key, tensor), when given, is
+        # applied in the hook, so only what it returns is held until the pass ends
         self.model, self.wanted, self.got, self.handles = model, wanted, {}, []
+        self.reduce = reduce or (lambda key, t: t)
         self.active = False  # two captures may hook the same model (parallel mode)
         for key, (name, where) in wanted.items():
             module = model.get_submodule(name)
@@ -97,16 +99,16 @@ class _Capture:
 
     def _pre(self, key):
         def hook(module, args):
-            if self.active:
-                self.got[key] = args[0].detach()
+            if self.active and key not in self.got:  # a module run twice: its first call
+                self.got[key] = self.reduce(key, args[0].detach())
                 self._done()
 
         return hook
 
     def _post(self, key):
         def hook(module, args, output):
-            if self.active:
-                self.got[key] = output.detach()
+            if self.active and key not in self.got:
+                self.got[key] = self.reduce(key, output.detach())
                 self._done()
 
         return hook
@@ -135,10 +137,24 @@ class _Capture:
             h.remove()
 
 
+def _layer_positions(seed: int, index: int) -> torch.Generator:
+    """The stream of sampled positions of the index-th solved layer: the pass that captures its
+    targets and the pass that captures its inputs draw the same positions from it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
 def _positions(n_images: int, spatial: int, per_image: int, gen: torch.Generator) -> torch.Tensor:
     """(n_images, P) random distinct output positions per image."""
     p = min(per_image, spatial)
     return torch.rand(n_images, spatial, generator=gen).argsort(dim=1)[:, :p]
+
+
+def _sampled_positions(out: torch.Tensor, per_image: int, gen: torch.Generator):
+    """Positions of a conv layer's output map (N, C, H, W) to sample; None for (N, C) outputs."""
+    if out.dim() != 4:
+        return None
+    spatial = out.shape[2] * out.shape[3]
+    return _positions(out.shape[0], spatial, per_image, gen).to(out.device)
 
 
 def _rows_from_map(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -201,61 +217,80 @@ def _batches(loader: Iterable, max_images: int | None, device):
         )
 
 
-def _collect(layer: Layer, source: nn.Module, step1: nn.Module, loader, cfg, gen, target_kind):
-    """Row stores of X, targets and (residual) offsets of one layer over the calibration set.
+TARGET_OF = {  # target kind -> where the step-1 model shows it
+    "codes": lambda layer: layer.activation,  # the step-1 codes after the layer
+    "pre": lambda layer: layer.bn,  # the BN output (a linear layer added into a coded chain)
+    "out": lambda layer: layer.name,  # the layer output (a head)
+}
 
-    target_kind None: X alone, from one forward pass of ``source`` per batch (no targets, no
-    offsets): the data pass any solver of the layer's statistics needs."""
-    inputs_only = target_kind is None
-    src_wanted = {"x": (layer.name, "input")}
-    if inputs_only:
-        src_wanted["out"] = (layer.name, "output")  # its shape places the sampled positions
-    elif layer.residual:
-        src_wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
-    src_cap = _Capture(source, src_wanted)
-    tgt_cap = None
-    if not inputs_only:
-        tgt_cap = _Capture(
-            step1,
-            {
-                "y": {
-                    "codes": (layer.activation, "output"),
-                    "pre": (layer.bn, "output"),
-                    "out": (layer.name, "output"),
-                }[target_kind]
-            },
-        )
+
+def _capture_targets(step1: nn.Module, wanted: dict, loader, cfg) -> dict[int, RowStore]:
+    """Targets of several layers from one forward pass of the step-1 model per batch.
+
+    wanted: index of the solved layer -> (layer, target kind). Each target map is reduced to
+    the rows at the layer's sampled positions inside its hook, so one batch holds rows, not
+    maps; codes are stored packed (a few values)."""
+    gens = {i: _layer_positions(cfg.seed, i) for i in wanted}
+
+    def rows_of(index, out):
+        pos = _sampled_positions(out, cfg.positions_per_image, gens[index])
+        return out.flatten(1) if pos is None else _rows_from_map(out, pos)
+
+    where = {i: (TARGET_OF[kind](layer), "output") for i, (layer, kind) in wanted.items()}
+    cap = _Capture(step1, where, reduce=rows_of)
+    stores = {i: RowStore() for i in wanted}
+    try:
+        with torch.no_grad():
+            for x in _batches(loader, cfg.max_images, cfg.device):
+                for index, rows in cap.run(x).items():
+                    stores[index].append(rows)
+    finally:
+        cap.close()
+    return stores
+
+
+def _collect(layer: Layer, index: int, source: nn.Module, loader, cfg, offsets: bool):
+    """Row stores of X and (offsets: True) the residual offsets of the index-th solved layer,
+    from one forward pass of ``source`` per batch, at the positions its targets were sampled
+    at. Without offsets this is the data pass any solver of the layer's statistics needs."""
+    gen = _layer_positions(cfg.seed, index)
+    wanted = {"x": (layer.name, "input"), "out": (layer.name, "output")}
+    if offsets:
+        wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
     module = source.get_submodule(layer.name)
     # one block per calibration batch, kept compactly (step-1 codes take a few values)
     budget = CacheBudget(cfg.cache_mb * 2**20)
     xs = RowStore(cache=budget)
-    ys = None if inputs_only else RowStore()
-    offs = RowStore(cache=budget) if layer.residual and not inputs_only else None
+    offs = RowStore(cache=budget) if offsets else None
+
+    def reduce(key, t):  # keep the layer output's positions only, not the map
+        return _sampled_positions(t, cfg.positions_per_image, gen) if key == "out" else t
+
+    cap = _Capture(source, wanted, reduce)
     try:
         with torch.no_grad():
             for x in _batches(loader, cfg.max_images, cfg.device):
-                got = src_cap.run(x)
-                y = got["out"] if inputs_only else tgt_cap.run(x)["y"]
+                got = cap.run(x)
+                pos = got["out"]
                 offset = got["pre"] - got["bn"] if offs is not None else None
                 if isinstance(module, nn.Conv2d):
-                    spatial = y.shape[2] * y.shape[3]
-                    pos = _positions(x.shape[0], spatial, cfg.positions_per_image, gen).to(x.device)
                     xs.append(_patch_rows(module, got["x"], pos))
-                    if ys is not None:
-                        ys.append(_rows_from_map(y, pos))
                     if offset is not None:
                         offs.append(_rows_from_map(offset, pos))
                 else:
                     xs.append(got["x"].flatten(1))
-                    if ys is not None:
-                        ys.append(y.flatten(1))
                     if offset is not None:
                         offs.append(offset.flatten(1))
     finally:
-        src_cap.close()
-        if tgt_cap is not None:
-            tgt_cap.close()
-    return xs, ys, offs
+        cap.close()
+    return xs, offs
+
+
+def _target_kind(step1: nn.Module, layer: Layer) -> str:
+    activation = step1.get_submodule(layer.activation) if layer.activation else None
+    if layer.kind == "coded" and isinstance(activation, SparseQuantizer):
+        return "codes"
+    return "pre" if layer.bn else "out"
 
 
 def transform(
@@ -266,7 +301,8 @@ def transform(
 ) -> nn.Module:
     """Step 2: return a copy of the step-1 model whose weight layers are low-bit.
 
-    ``report``, when given, receives one dict per solved layer (time, agreement, history).
+    ``report``, when given, receives one dict per solved layer (time, agreement, history); the
+    first layer's ``capture_s`` includes the one pass that captures every layer's step-1 codes.
     """
     cfg = config or TransformConfig()
     check_finite(model_step1, "the step-1 model")
@@ -274,12 +310,18 @@ def transform(
     quantized = copy.deepcopy(step1).eval()
     layers = analyse(step1)
     todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
-    gen = torch.Generator().manual_seed(cfg.seed)
     grid = WeightGrid.from_spec(cfg.weight_bits)
     total = time.perf_counter()
+    kinds = [_target_kind(step1, layer) for layer in todo]
+    code_targets: dict[int, RowStore] = {}
+    if cfg.method != "otwa":
+        # the step-1 codes every coded layer reproduces, from one pass of the step-1 model
+        wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if kinds[i] == "codes"}
+        code_targets = _capture_targets(step1, wanted, calib_loader, cfg)
     bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
-    for index, layer in enumerate(bar, 1):
-        start = time.perf_counter()
+    for index, layer in enumerate(bar):
+        # the first layer's capture time includes the pass that captured all code targets
+        start = total if index == 0 else time.perf_counter()
         if cfg.method == "otwa":
             weight = step1.get_submodule(layer.name).weight.detach()
             scale, shift = bn_affine(step1, layer)
@@ -293,10 +335,14 @@ def transform(
                 )
             continue
         source = quantized if cfg.mode == "sequential" else step1
-        activation = step1.get_submodule(layer.activation) if layer.activation else None
-        coded = layer.kind == "coded" and isinstance(activation, SparseQuantizer)
-        target_kind = "codes" if coded else ("pre" if layer.bn else "out")
-        X, Y, offset = _collect(layer, source, step1, calib_loader, cfg, gen, target_kind)
+        target_kind = kinds[index]
+        coded = target_kind == "codes"
+        activation = step1.get_submodule(layer.activation) if coded else None
+        if coded:
+            Y = code_targets.pop(index)
+        else:  # FP targets are captured per layer: kept for all layers they would add up
+            Y = _capture_targets(step1, {index: (layer, target_kind)}, calib_loader, cfg)[index]
+        X, offset = _collect(layer, index, source, calib_loader, cfg, coded and layer.residual)
         weight = step1.get_submodule(layer.name).weight.detach()
         scale, shift = bn_affine(step1, layer)
         init = weight.reshape(weight.shape[0], -1) * scale[:, None]
@@ -348,7 +394,7 @@ def transform(
             )
             metric = "agree" if coded else "rel.err"
             tqdm.write(
-                f"[step2 {index}/{len(todo)}] {layer.name:<24} {X.rows}x{X.width}->{Y.width} "
+                f"[step2 {index + 1}/{len(todo)}] {layer.name:<24} {X.rows}x{X.width}->{Y.width} "
                 f"{metric} {before:.4f} -> {after:.4f}  "
                 f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s"
             )

@@ -158,6 +158,11 @@ def test_solve_linear_layer_recovers_planted_ternary_weights():
     assert torch.allclose(sol.bias, bias, atol=0.02)
     assert sol.relative_error < 0.01
     assert sol.relative_error <= sol.relative_error_init + 1e-12
+    # the error the solver reports from its accumulated sums is the error of what it returns
+    fit = x.double() @ (sol.weight_codes.double() * sol.alpha.double()[:, None]).T
+    residual = target.double() - fit - sol.bias.double()
+    spread = ((target.double() - target.double().mean(0)) ** 2).sum()
+    assert sol.relative_error == pytest.approx(float((residual**2).sum() / spread), rel=1e-4)
 
 
 # --- validation ---------------------------------------------------------------------------------

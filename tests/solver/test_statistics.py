@@ -39,3 +39,14 @@ def test_accumulator_over_explicit_chunks():
     assert acc.rows == 20
     assert torch.allclose(acc.gram, x.double().T @ x.double(), rtol=1e-12, atol=1e-12)
     assert torch.allclose(acc.column_sum, x.double().sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [5, 50, 64])
+def test_target_sums_chunked_equal_unchunked(m):
+    gen = torch.Generator().manual_seed(m)
+    x, t = torch.randn(m, 5, generator=gen), torch.randn(m, 3, generator=gen)
+    acc = gram(x, chunk_rows=7, targets=t)
+    x64, t64 = x.double(), t.double()
+    assert torch.allclose(acc.cross, x64.T @ t64, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(acc.target_sum, t64.sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(acc.target_square_sum, (t64 * t64).sum(0), rtol=1e-12, atol=1e-12)

@@ -140,7 +140,8 @@ class _Problem:
         return torch.cat(self.code_blocks).long()
 
     def bin_bounds(self, margin: float) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per block, the target bin of every element shrunk by margin * d: (lower, upper).
+        """Per block, the target bin of every element shrunk by margin * d, minus the residual
+        offset: bounds on alpha s + bias, (lower, upper).
 
         The alpha/bias fit reads them in every one of its passes, so they are kept while the
         problem's cache budget allows (None: formed again on each pass)."""
@@ -162,9 +163,13 @@ class _Problem:
         return self._bounds
 
     def _bounds_of(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.code_blocks[block].int()
+        codes = self.code_blocks[block].long()
         lower_of, upper_of = self.bound_tables
-        return lower_of[codes], upper_of[codes]
+        lower, upper = lower_of[codes], upper_of[codes]
+        if self.offset is not None:  # p = alpha s + bias + offset lies in the bin
+            offset = self.offset.block(block, keep=False)
+            lower, upper = lower.sub_(offset), upper.sub_(offset)
+        return lower, upper
 
     def codes_of(self, pre: torch.Tensor) -> torch.Tensor:
         return self._codes(pre).long()
@@ -337,19 +342,31 @@ def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, ite
     bounds = problem.bin_bounds(margin)
 
     def hinge(a, b, newton: bool):
-        """Loss per channel and, with newton, the sums of the Newton step: h11 h12 h22 g1 g2."""
+        """Loss per channel and, with newton, the sums of the Newton step: h11 h12 h22 g1 g2.
+
+        Per-element work and per-block sums in float32 (a block is at most a calibration
+        batch of rows), blocks summed in float64."""
         loss = torch.zeros_like(a, dtype=torch.float64)
         sums = torch.zeros(5, len(a), dtype=torch.float64, device=a.device)
+        a32, b32 = a.float()[None, :], b.float()[None, :]
         for i, s in enumerate(s_blocks):
             lower, upper = bounds[i] if bounds[i] is not None else problem._bounds_of(i)
-            pre = problem.pre_activation(s, a, b, i)
-            gap = pre - torch.maximum(torch.minimum(pre, upper), lower)  # 0 inside the bin
-            loss += (gap * gap).sum(0, dtype=torch.float64)
+            pre = torch.addcmul(b32, s, a32)  # the offset is in the bounds
+            gap = pre.sub_(pre.clamp(lower, upper))  # 0 inside the bin
+            loss += torch.linalg.vecdot(gap, gap, dim=0)
             if newton:
                 active = (gap != 0).float()
                 s_a = s * active
-                for k, term in enumerate((s_a * s, s_a, active, s * gap, gap)):  # gap = 0 off
-                    sums[k] += term.sum(0, dtype=torch.float64)
+                for k, term in enumerate(  # gap = 0 off the active set
+                    (
+                        torch.linalg.vecdot(s_a, s, dim=0),
+                        s_a.sum(0),
+                        active.sum(0),
+                        torch.linalg.vecdot(s, gap, dim=0),
+                        gap.sum(0),
+                    )
+                ):
+                    sums[k] += term
         return loss, sums
 
     loss, sums = hinge(alpha, bias, True)
@@ -432,12 +449,12 @@ def solve_layer(
     _check_inputs(X, Y, init, bias, offset)
     problem = _Problem(X, Y, quantizer, offset, cfg.chunk_rows)
     m, c = problem.m, _shape(Y)[1]
-    # the cache budget goes first to what every pass reads (offsets, bin bounds), then to X
+    # the cache budget goes first to what most passes read (bin bounds, offsets), then to X
+    if cfg.fit_scale:  # read in every pass of the fits
+        problem.bin_bounds(cfg.margin)
     if problem.offset is not None:
         for i in range(problem.offset.num_blocks):
             problem.offset.block(i)
-    if cfg.fit_scale:
-        problem.bin_bounds(cfg.margin)
     device = problem.edges.device
     bias = (
         torch.zeros(c, dtype=torch.float64, device=device)
@@ -572,14 +589,12 @@ def solve_linear_layer(
     cfg = (config or SolverConfig()).effective
     grid = WeightGrid.from_spec(cfg.weight_bits)
     _check_inputs(X, T, init, bias, None)
-    xs, ts = as_row_store(X, cfg.chunk_rows), as_row_store(T, cfg.chunk_rows)
-    if xs.block_rows != ts.block_rows:
-        raise ValueError("X and the targets must be stored in the same row blocks")
     m, c = _shape(T)
-    stats = gram(xs)
+    # one pass over the rows: every later quantity is a function of these sums
+    stats = gram(X, cfg.chunk_rows, targets=T)
     device = stats.gram.device
-    mean = sum(t.sum(0, dtype=torch.float64) for t in ts.blocks()) / m
-    spread = sum(((t.double() - mean) ** 2).sum() for t in ts.blocks()).clamp_min(1e-12)
+    mean = stats.target_sum / m
+    spread = (stats.target_square_sum - m * mean * mean).sum().clamp_min(1e-12)
     bias = (
         torch.zeros(c, dtype=torch.float64, device=device)
         if bias is None
@@ -587,10 +602,7 @@ def solve_linear_layer(
     )
 
     def cross_residual():  # X'(T - bias)
-        out = torch.zeros(xs.width, c, dtype=torch.float64, device=device)
-        for x, t in zip(xs.blocks(), ts.blocks(), strict=True):
-            out.addmm_(x.double().T, t.double() - bias)
-        return out
+        return stats.cross - torch.outer(stats.column_sum, bias)
 
     if init is None:
         init = _ridge_solve(stats.gram, cross_residual(), cfg.ridge).T
@@ -598,10 +610,19 @@ def solve_linear_layer(
     weights_t, alpha = codes.double().T.contiguous(), alpha.double()
 
     def relative_error():
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for x, t in zip(xs.blocks(), ts.blocks(), strict=True):
-            total += ((t.double() - (x.double() @ weights_t) * alpha - bias) ** 2).sum()
-        return float(total / spread)
+        """||T - alpha X w - bias||^2 / ||T - mean||^2, expanded in the accumulated sums."""
+        wgw = (weights_t * (stats.gram @ weights_t)).sum(0)
+        wxt = (weights_t * stats.cross).sum(0)
+        xw_sum = stats.column_sum @ weights_t
+        per_channel = (
+            stats.target_square_sum
+            + alpha * alpha * wgw
+            + m * bias * bias
+            - 2 * alpha * wxt
+            - 2 * bias * stats.target_sum
+            + 2 * alpha * bias * xw_sum
+        )
+        return float(per_channel.clamp_min(0).sum() / spread)
 
     error_init = relative_error()
     history = [{"iter": 0, "relative_error": error_init}]
