@@ -185,6 +185,12 @@ def main() -> int:
     parser.add_argument("--calib", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--adaround-iters", type=int, default=10_000)
+    parser.add_argument(
+        "--adaround-calib",
+        type=int,
+        nargs="+",
+        help="calibration sizes AdaRound runs at (default: all of --calib; it is the slow one)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--set", action="append", default=[], type=lambda s: s.split("=", 1))
     parser.add_argument("--out", type=Path, default=ROWS)
@@ -212,6 +218,8 @@ def main() -> int:
     rows: list[dict] = []
     for calib in args.calib:
         for method in methods:
+            if method == "adaround" and args.adaround_calib and calib not in args.adaround_calib:
+                continue
             cmd = [
                 sys.executable,
                 __file__,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
-from .solver.rows import CacheBudget, RowStore
+from .solver.rows import CacheBudget, RowStore, release_freed_memory
 from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
 
 
@@ -346,6 +346,7 @@ def transform(
         weight = step1.get_submodule(layer.name).weight.detach()
         scale, shift = bn_affine(step1, layer)
         init = weight.reshape(weight.shape[0], -1) * scale[:, None]
+        release_freed_memory()  # the capture's per-batch temporaries
         capture_s = time.perf_counter() - start
         if cfg.method == "adaround":
             from .baselines.adaround import AdaRoundConfig, adaround_layer
@@ -398,7 +399,8 @@ def transform(
                 f"{metric} {before:.4f} -> {after:.4f}  "
                 f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s"
             )
-        del X, Y, offset
+        del X, Y, offset, sol
+        release_freed_memory()
     if cfg.verbose:
         print(f"[step2] {len(todo)} layers in {time.perf_counter() - total:.1f}s", flush=True)
     return quantized

@@ -28,7 +28,7 @@ import torch
 
 from ..quantizers.activation import SparseQuantizer, count_edges_below
 from ..quantizers.weight import WeightGrid, quantize_to_grid
-from .rows import RowStore, as_row_store
+from .rows import RowStore, as_row_store, release_freed_memory
 from .statistics import gram
 
 
@@ -502,6 +502,7 @@ def solve_layer(
         if cfg.fit_scale:
             alpha, bias = _fit_alpha_bias(problem, s, alpha, bias, cfg.margin)
         zp = z_pass(s, alpha, bias)
+        release_freed_memory()
         err = float(zp["true_error"].sum())
         if err < best[0]:
             best = (err, weights_t.clone(), alpha.clone(), bias.clone())

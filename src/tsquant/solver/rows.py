@@ -10,6 +10,8 @@ Data with more distinct values (an FP first layer's output, linear targets) stay
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +19,18 @@ import torch.nn.functional as F
 
 MAX_PALETTE = 256
 _SAMPLE = 1 << 16  # values looked at to guess the palette of the first block
+_ENCODE_ROWS = 2048  # rows encoded at a time
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim). Between passes that free
+    many block-sized temporaries, glibc would keep those pages, scattered among the long-lived
+    blocks, and resident memory would grow with the number of blocks."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+            pass
 
 
 class CacheBudget:
@@ -173,12 +187,20 @@ class RowStore:
             self._blocks.append(self._encoded(indices))
 
     def _encode(self, rows: torch.Tensor) -> torch.Tensor | None:
-        flat = rows.reshape(-1)
-        index = torch.searchsorted(self.palette, flat).clamp_(max=self.palette.numel() - 1)
-        hit = self.palette[index] == flat
-        if bool(hit.all()):
-            return index.to(torch.uint8).view(rows.shape)
-        merged = torch.unique(torch.cat([self.palette, torch.unique(flat[~hit])]))
+        indices = torch.empty(rows.shape, dtype=torch.uint8, device=rows.device)
+        misses = []
+        top = self.palette.numel() - 1
+        for start in range(0, rows.shape[0], _ENCODE_ROWS):  # bounded int32 temporaries
+            flat = rows[start : start + _ENCODE_ROWS].reshape(-1)
+            index = torch.searchsorted(self.palette, flat, out_int32=True).clamp_(max=top)
+            hit = self.palette[index] == flat
+            if bool(hit.all()):
+                indices[start : start + _ENCODE_ROWS] = index.view(-1, rows.shape[1])
+            else:
+                misses.append(torch.unique(flat[~hit]))
+        if not misses:
+            return indices
+        merged = torch.unique(torch.cat([self.palette, *misses]))
         if merged.numel() > MAX_PALETTE:
             self._to_float()
             return None

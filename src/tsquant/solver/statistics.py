@@ -12,6 +12,8 @@ import torch
 
 from .rows import RowStore, as_row_store
 
+_CONVERT_ROWS = 4096
+
 
 class GramAccumulator:
     """Accumulates X'X, X'1 and the row count over chunks of rows of X (each (rows, n)); given
@@ -27,6 +29,10 @@ class GramAccumulator:
         self.target_square_sum: torch.Tensor | None = None  # (c,)
 
     def update(self, chunk: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        if chunk.shape[0] > _CONVERT_ROWS:  # convert a slice at a time: a float64 copy is 2x
+            for rows in row_chunks(chunk.shape[0], _CONVERT_ROWS):
+                self.update(chunk[rows], None if targets is None else targets[rows])
+            return
         x = chunk.to(self.gram.dtype)
         self.gram.addmm_(x.T, x)
         self.column_sum += x.sum(0)
