@@ -28,7 +28,7 @@ import torch
 
 from ..quantizers.activation import SparseQuantizer, count_edges_below
 from ..quantizers.weight import WeightGrid, quantize_to_grid
-from .rows import RowStore, as_row_store, release_freed_memory
+from .rows import RowStore, as_row_store
 from .statistics import gram
 
 
@@ -210,8 +210,7 @@ class _Problem:
         pre holds the rows of one block (or of all rows when block is None)."""
         codes = self.target_codes if block is None else self.code_blocks[block]
         target = codes.float() * self.step
-        best_cost = torch.full_like(pre, float("inf"))
-        best_z = torch.empty_like(pre)
+        best_cost = best_z = None
         delta = margin * self.step
         for k in range(len(self.edges) + 1):
             lo = self.edges[k - 1] + delta if k > 0 else -math.inf
@@ -221,10 +220,15 @@ class _Problem:
             if k > 0 and delta == 0:
                 # an open lower edge: nudge the clipped value just inside (t_k, t_{k+1}]
                 z = torch.where(z <= lo, torch.nextafter(torch.full_like(z, float(lo)), z + 1), z)
-            cost = (target - k * self.step) ** 2 + lam * (z - pre) ** 2
+            # (y - q_k)^2 + lam (z - p)^2, in place on fresh temporaries
+            cost = torch.sub(z, pre).square_().mul_(lam)
+            cost.add_(torch.sub(target, k * self.step).square_())
+            if best_cost is None:
+                best_cost, best_z = cost, z
+                continue
             better = cost < best_cost
-            best_cost = torch.where(better, cost, best_cost)
-            best_z = torch.where(better, z, best_z)
+            torch.where(better, z, best_z, out=best_z)
+            torch.minimum(best_cost, cost, out=best_cost)
         return best_z, best_cost.sum(dtype=torch.float64)
 
     def z_pass(self, s_blocks, alpha, bias, lam, margin) -> dict:
@@ -332,6 +336,9 @@ def _initial_weights(problem: _Problem, init, bias, grid, config, c):
     return codes.double().T.contiguous(), alpha.double()
 
 
+_FIT_TOLERANCE = 1e-6  # relative loss decrease that keeps the alpha/bias fit going
+
+
 def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, iters: int = 10):
     """Per-channel (alpha, bias) minimising the squared distance of p to its target bin.
 
@@ -387,7 +394,7 @@ def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, ite
             if bool(good.all()):
                 break
             step = torch.where(good, step, step / 2)
-        improved = good & (cand_loss < loss * (1 - 1e-6))
+        improved = good & (cand_loss < loss * (1 - _FIT_TOLERANCE))
         alpha, bias = torch.where(good, cand_a, alpha), torch.where(good, cand_b, bias)
         if tries == 0 and bool(good.all()):
             loss, sums = cand_loss, cand_sums
@@ -502,7 +509,6 @@ def solve_layer(
         if cfg.fit_scale:
             alpha, bias = _fit_alpha_bias(problem, s, alpha, bias, cfg.margin)
         zp = z_pass(s, alpha, bias)
-        release_freed_memory()
         err = float(zp["true_error"].sum())
         if err < best[0]:
             best = (err, weights_t.clone(), alpha.clone(), bias.clone())
