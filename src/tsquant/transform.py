@@ -217,7 +217,7 @@ def _batches(loader: Iterable, max_images: int | None, device):
         )
 
 
-TARGET_OF = {  # target kind -> where the step-1 model shows it
+_TARGET_MODULE = {  # target kind -> where the step-1 model shows it
     "codes": lambda layer: layer.activation,  # the step-1 codes after the layer
     "pre": lambda layer: layer.bn,  # the BN output (a linear layer added into a coded chain)
     "out": lambda layer: layer.name,  # the layer output (a head)
@@ -236,7 +236,7 @@ def _capture_targets(step1: nn.Module, wanted: dict, loader, cfg) -> dict[int, R
         pos = _sampled_positions(out, cfg.positions_per_image, gens[index])
         return out.flatten(1) if pos is None else _rows_from_map(out, pos)
 
-    where = {i: (TARGET_OF[kind](layer), "output") for i, (layer, kind) in wanted.items()}
+    where = {i: (_TARGET_MODULE[kind](layer), "output") for i, (layer, kind) in wanted.items()}
     cap = _Capture(step1, where, reduce=rows_of)
     stores = {i: RowStore() for i in wanted}
     try:
