@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from tsquant import __version__, zoo
 from tsquant.baselines import prepare_lsq
 from tsquant.cli import _overrides
 from tsquant.export.verify import quantizer_codes
-from tsquant.pipeline.checkpoints import load_json, save_json, write_text_atomic
+from tsquant.pipeline.checkpoints import load_json, save_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import RunConfig, load_config
 from tsquant.pipeline.stages import RUNNERS, Context
 from tsquant.training import evaluate, train
@@ -68,9 +69,17 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
     "eps": [(v, {"codes.eps": v}) for v in ("0", "0.2", "0.32", "0.5", "0.7")],
     "mode": [(v, {"transform.mode": v}) for v in ("sequential", "parallel")],
     "lam": [(v, {"transform.lam": v}) for v in ("1", "3", "10")],
+    # lam moves the result only in the paper variant: the tsquant variant's repair phase uses
+    # its own repair_lam, and its later alternations stop when w no longer changes
+    "lam_paper": [
+        (v, {"transform.lam": v, "transform.variant": "paper"}) for v in ("1", "3", "10")
+    ],
+    "variant": [(v, {"transform.variant": v}) for v in ("tsquant", "paper")],
     "iters": [(v, {"transform.iters": v}) for v in ("5", "20", "50")],
     "calib": [(v, {"transform.calib_images": v}) for v in ("250", "500", "1000", "2000", "4000")],
 }
+
+ABLATION_NO_FINETUNE = {"finetune.epochs": "0"}  # ablation rows read step 2 before fine-tune
 
 
 class Bench:
@@ -111,6 +120,43 @@ class Bench:
         return ctx
 
 
+def fp_from_zoo(bench: Bench, seed: int) -> str | None:
+    """Write the main run's train stage from the zoo checkpoint that this config trained at this
+    seed (same model, dataset, seed, epochs, command), so the FP training is not repeated; the
+    stage's wall time is the zoo entry's training time. Returns the zoo name used, or None."""
+    main = Context(bench.cfg(seed, "tsq", {}))
+    cfg = main.cfg
+    touched = [k for k in bench.base_overrides if k.split(".")[0] in DEPENDS["train"]]
+    if main.done("train") or cfg.init_checkpoint or touched:
+        return None
+    for name, entry in zoo.read_manifest()["models"].items():
+        same = (entry["model"], entry["dataset"], entry["seed"], entry["epochs"]) == (
+            cfg.model.name,
+            cfg.data.dataset,
+            seed,
+            cfg.train.epochs,
+        )
+        if not same or bench.config not in entry["command"]:
+            continue
+        source, out = zoo.ZOO_DIR / entry["file"], main.stage_dir("train")
+        if sha256_of(source) != entry["sha256"]:
+            raise SystemExit(f"zoo file {source} differs from its manifest: restore it from git")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / "model.safetensors")
+        meta = {
+            "stage": "train",
+            "tsquant": __version__,
+            "config": asdict(cfg),
+            "model_sha256": entry["sha256"],
+            "test_top1": entry["test_top1"],
+            "wall_s": entry["train_wall_s"],
+            "source": f"zoo/{entry['file']} ({name}: {entry['command']})",
+        }
+        save_json(out / "meta.json", meta)
+        return name
+    return None
+
+
 def stage_wall(ctx: Context, *stages: str) -> float:
     total = 0.0
     for stage in stages:
@@ -129,6 +175,16 @@ def zero_fraction(ctx: Context, stage: str, builder) -> float:
             counts[0] += int((codes == 0).sum())
             counts[1] += codes.numel()
     return counts[0] / max(1, counts[1])
+
+
+def step2_summary(ctx: Context) -> dict:
+    """Mean code agreement over the coded layers and wall time of a run's step 2."""
+    meta = load_json(ctx.stage_dir("transform") / "meta.json")
+    coded = [r["agreement"] for r in meta["layers"] if r.get("kind") == "coded"]
+    return {
+        "step2_agreement": round(statistics.mean(coded), 4) if coded else None,
+        "step2_s": round(float(meta["wall_s"]), 1),
+    }
 
 
 WALL_STAGES = {
@@ -264,14 +320,18 @@ def markdown(rows: list[dict]) -> str:
         if ablations:
             lines += [
                 "",
-                "| ablation | value | seed | top-1 (%) | zero activations | wall (s) | command |",
-                "|---|---|---|---|---|---|---|",
+                "| ablation | value | seed | top-1 (%) | zero activations | step-2 code agreement "
+                "| step 2 (s) | wall (s) | command |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for r in ablations:
                 zeros = f"{100 * r['zero_fraction']:.1f} %" if "zero_fraction" in r else "-"
+                agree = r.get("step2_agreement")
+                agree = "-" if agree is None else f"{100 * agree:.2f} %"
+                step2 = "-" if r.get("step2_s") is None else f"{r['step2_s']:.0f}"
                 lines.append(
                     f"| {r['method'][9:]} | {r['ablation_value']} | {r['seed']} | {r['top1']:.2f} | "
-                    f"{zeros} | {r['wall_s']:.0f} | `{r['command']}` |"
+                    f"{zeros} | {agree} | {step2} | {r['wall_s']:.0f} | `{r['command']}` |"
                 )
         lines.append("")
     lines.append(
@@ -298,6 +358,11 @@ def main() -> int:
     parser.add_argument("--ablations", default="", help=f"comma list of {list(ABLATIONS)}")
     parser.add_argument("--out-dir", default="runs/bench")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--fp-from-zoo",
+        action="store_true",
+        help="start from the zoo's FP checkpoint where this config trained it at this seed",
+    )
     parser.add_argument(
         "--results-dir", type=Path, default=HERE, help="where results.json/RESULTS.md go"
     )
@@ -334,6 +399,8 @@ def main() -> int:
         write_text_atomic(results_md, _with_other_sections(markdown(all_rows), results_md))
 
     for seed in args.seeds:
+        if args.fp_from_zoo and (name := fp_from_zoo(bench, seed)):
+            print(f"[bench] seed {seed}: FP training taken from zoo entry {name}", flush=True)
         for tag, overrides in VARIANTS.items():
             methods = {METHODS[m][1]: m for m in wanted if m in METHODS and METHODS[m][0] == tag}
             if methods:
@@ -346,8 +413,9 @@ def main() -> int:
     for name in [a for a in args.ablations.split(",") if a]:
         for value, overrides in ABLATIONS[name]:
             seed = args.seeds[0]
+            overrides = {**overrides, **ABLATION_NO_FINETUNE}
             ctx = bench.run(seed, f"{name}{value}", overrides)
-            extra = {"ablation_value": value}
+            extra = {"ablation_value": value, **step2_summary(ctx)}
             if name == "eps":
                 extra["zero_fraction"] = zero_fraction(ctx, "codes", ctx.step1_model)
             method = f"ablation:{name}"

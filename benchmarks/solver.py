@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from tsquant.pipeline.checkpoints import load_model_weights, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context
 from tsquant.solver import gram
+from tsquant.solver.rows import peak_rss_mb
 from tsquant.surgery import analyse, quantizable_layers
 from tsquant.training import evaluate
 from tsquant.transform import _collect, transform
@@ -41,10 +41,6 @@ HERE = Path(__file__).resolve().parent
 ROWS, RESULTS = HERE / "solver.json", HERE / "RESULTS.md"
 BEGIN, END = "<!-- solver:begin -->", "<!-- solver:end -->"
 METHODS = ("gram_pass", "tsq", "adaround", "brevitas_gptq")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def child(args) -> dict:
@@ -90,6 +86,7 @@ def child(args) -> dict:
                 "capture_s": round(r["capture_s"], 2),
                 "agreement": round(r["agreement"], 4) if r["kind"] == "coded" else None,
                 "relative_error": round(r["relative_error"], 4) if r["kind"] != "coded" else None,
+                "peak_rss_mb": None if r["peak_rss_mb"] is None else round(r["peak_rss_mb"], 1),
             }
             for r in report
         ]

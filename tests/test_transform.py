@@ -147,6 +147,10 @@ def test_bad_transform_options():
         TransformConfig(first_layer="ternary")
     with pytest.raises(ValueError, match="positions_per_image"):
         TransformConfig(positions_per_image=0)
+    with pytest.raises(ValueError, match="mmap_threshold_mb"):
+        TransformConfig(mmap_threshold_mb=-1)
+    with pytest.raises(ValueError, match="cache_mb"):
+        TransformConfig(cache_mb=1.5)
     with pytest.raises(ValueError, match="weight format"):
         TransformConfig(weight_bits="binary")
     with pytest.raises(ValueError, match="lam"):

@@ -21,7 +21,13 @@ from tqdm import tqdm
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
-from .solver.rows import CacheBudget, RowStore, release_freed_memory
+from .solver.rows import (
+    CacheBudget,
+    RowStore,
+    peak_rss_mb,
+    release_freed_memory,
+    set_mmap_threshold,
+)
 from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
 
 
@@ -41,6 +47,7 @@ class TransformConfig:
     variant: str = "tsquant"  # or "paper"
     positions_per_image: int = 64  # sampled output positions per image for conv layers
     cache_mb: int = 128  # per layer: decoded rows and bin bounds kept for the solver's passes
+    mmap_threshold_mb: int = 4  # heap blocks this large or larger go to mmap (glibc; 0: leave)
     max_images: int | None = None  # cap on calibration images (None: the whole loader)
     first_layer: str = "fp"  # "fp" or "quantize"
     last_layer: str = "fp"
@@ -61,6 +68,10 @@ class TransformConfig:
             raise ValueError(
                 f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}"
             )
+        for name in ("cache_mb", "mmap_threshold_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         WeightGrid.from_spec(self.weight_bits)
         self.solver = SolverConfig(
             **{
@@ -306,6 +317,7 @@ def transform(
     """
     cfg = config or TransformConfig()
     check_finite(model_step1, "the step-1 model")
+    set_mmap_threshold(cfg.mmap_threshold_mb * 2**20)  # block temporaries go back to the OS
     step1 = model_step1.to(cfg.device).eval()
     quantized = copy.deepcopy(step1).eval()
     layers = analyse(step1)
@@ -384,6 +396,7 @@ def transform(
             "relative_error_init": sol.relative_error_init,
             "relative_error": sol.relative_error,
             "history": sol.history,
+            "peak_rss_mb": peak_rss_mb(),  # of the process so far: shows which layer raised it
         }
         if report is not None:
             report.append(row)

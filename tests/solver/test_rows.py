@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -167,3 +170,22 @@ def test_a_small_cache_budget_changes_memory_not_results(budget):
     assert cache.used > budget
     assert torch.equal(small.weight_codes, large.weight_codes)
     assert torch.equal(small.alpha, large.alpha) and torch.equal(small.bias, large.bias)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_block_sized_allocations_go_back_to_the_os_after_the_threshold_is_set():
+    from tsquant.solver.rows import set_mmap_threshold
+
+    assert not set_mmap_threshold(0)  # 0 leaves the allocator alone
+    if not set_mmap_threshold(4 << 20):
+        pytest.skip("not glibc")
+
+    def resident_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    torch.ones(16 << 20, dtype=torch.uint8)  # the first call also loads code: not counted
+    before = resident_mb()
+    block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MB, touched
+    assert resident_mb() - before > 12
+    del block
+    assert resident_mb() - before < 4  # unmapped when freed, not kept in the heap

@@ -99,6 +99,9 @@ class TransformStageConfig:
     calib_images: int = opt(2000, "calibration images (drawn from the training set)")
     positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
     cache_mb: int = opt(128, "MB per layer of decoded rows kept for the solver (speed vs memory)")
+    mmap_threshold_mb: int = opt(
+        4, "allocations of this many MB or more are returned to the OS when freed (glibc; 0: off)"
+    )
     first_layer: str = opt("fp", "first layer: fp or quantize")
     last_layer: str = opt("fp", "last layer: fp or quantize")
 
@@ -248,6 +251,7 @@ def validate(config, prefix: str = "") -> None:
         "card_images": lambda v: v >= 1,
         "positions_per_image": lambda v: v >= 1,
         "cache_mb": lambda v: v >= 0,
+        "mmap_threshold_mb": lambda v: v >= 0,
         "mode": lambda v: v in ("sequential", "parallel"),
         "method": lambda v: v in ("tsq", "otwa", "adaround"),
         "adaround_iters": lambda v: v >= 1,

@@ -111,6 +111,7 @@ class Context:
             "variant": t.variant,
             "positions_per_image": t.positions_per_image,
             "cache_mb": t.cache_mb,
+            "mmap_threshold_mb": t.mmap_threshold_mb,
             "first_layer": t.first_layer,
             "last_layer": t.last_layer,
             "seed": self.cfg.seed,

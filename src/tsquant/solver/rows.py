@@ -33,6 +33,35 @@ def release_freed_memory() -> None:
             pass
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Serve heap allocations of nbytes or more by mmap (glibc mallopt M_MMAP_THRESHOLD).
+
+    glibc raises this threshold by itself, up to 32 MB, after large blocks are freed; block-sized
+    temporaries (a decoded block, a batch's activations) then come from the heap, among the
+    long-lived row blocks, and the heap's high-water mark grows with the number of blocks. A
+    fixed threshold sends them to mmap, returned to the OS as soon as they are freed. The
+    setting is process-wide and stays after step 2. Returns whether it was set (glibc only)."""
+    if not sys.platform.startswith("linux") or nbytes <= 0:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
+
+
 class CacheBudget:
     """Bytes that one layer problem may keep in decoded rows and per-row helpers (speed for
     memory): shared by its row stores and the solver, so peak memory stays bounded however many
