@@ -75,6 +75,7 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
         (v, {"transform.lam": v, "transform.variant": "paper"}) for v in ("1", "3", "10")
     ],
     "variant": [(v, {"transform.variant": v}) for v in ("tsquant", "paper")],
+    "start": [(v, {"transform.start": v}) for v in ("gptq", "otwa")],
     "iters": [(v, {"transform.iters": v}) for v in ("5", "20", "50")],
     "calib": [(v, {"transform.calib_images": v}) for v in ("250", "500", "1000", "2000", "4000")],
 }

@@ -25,7 +25,7 @@ def parse_row(text: str) -> dict:
         key, value = pair.split("=", 1)
         if key not in types:
             raise SystemExit(f"unknown solver option {key!r}: use one of {sorted(types)}")
-        row[key] = value if key in ("variant", "weight_bits") else float(value)
+        row[key] = value if key in ("variant", "weight_bits", "start") else float(value)
         if key in ("iters", "cd_sweeps", "refine_points", "refine_rounds", "chunk_rows"):
             row[key] = int(row[key])
         if key in ("learn_bias", "fit_scale", "refine"):
@@ -62,6 +62,7 @@ def main() -> None:
             lam=solver["lam"],
             iters=solver["iters"],
             variant=solver["variant"],
+            start=solver["start"],
             positions_per_image=t.positions_per_image,
             seed=cfg.seed,
             verbose=False,

@@ -45,6 +45,7 @@ class TransformConfig:
     lam: float = 3.0
     iters: int = 20
     variant: str = "tsquant"  # or "paper"
+    start: str = "gptq"  # or "otwa": how the step-1 weights are rounded to start the solver
     positions_per_image: int = 64  # sampled output positions per image for conv layers
     cache_mb: int = 128  # per layer: decoded rows and bin bounds kept for the solver's passes
     mmap_threshold_mb: int = 4  # heap blocks this large or larger go to mmap (glibc; 0: leave)
@@ -80,6 +81,7 @@ class TransformConfig:
                 "lam": self.lam,
                 "iters": self.iters,
                 "variant": self.variant,
+                "start": self.start,
             }
         )
 

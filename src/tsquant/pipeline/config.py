@@ -93,6 +93,11 @@ class TransformStageConfig:
     variant: str = opt(
         "tsquant", "solver: tsquant (margin, bias, hinge alpha fit, refinement) or paper"
     )
+    start: str = opt(
+        "gptq",
+        "solver start: gptq (step-1 weights rounded in output space, scale search) or otwa "
+        "(the paper's weight-space rounding; the paper variant always uses it)",
+    )
     lam: float = opt(3.0, "lambda of the relaxed objective")
     iters: int = opt(20, "alternations per layer")
     adaround_iters: int = opt(10_000, "Adam iterations per layer of method adaround")

@@ -109,6 +109,7 @@ class Context:
             "lam": t.lam,
             "iters": t.iters,
             "variant": t.variant,
+            "start": t.start,
             "positions_per_image": t.positions_per_image,
             "cache_mb": t.cache_mb,
             "mmap_threshold_mb": t.mmap_threshold_mb,
