@@ -48,7 +48,10 @@ class TransformConfig:
     start: str = "gptq"  # or "otwa": how the step-1 weights are rounded to start the solver
     positions_per_image: int = 64  # sampled output positions per image for conv layers
     cache_mb: int = 128  # per layer: decoded rows and bin bounds kept for the solver's passes
-    mmap_threshold_mb: int = 4  # heap blocks this large or larger go to mmap (glibc; 0: leave)
+    # heap blocks this large or larger go to mmap (glibc; 0: leave the allocator alone): less
+    # peak memory, but every such block is a fresh mapping to fault in (ResNet-20, 1,024 images:
+    # 4 MB took 174 s against 85 s, README "Step 2 at scale"), so it is opt-in
+    mmap_threshold_mb: int = 0
     max_images: int | None = None  # cap on calibration images (None: the whole loader)
     first_layer: str = "fp"  # "fp" or "quantize"
     last_layer: str = "fp"
