@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tsquant.quantizers.weight import WeightGrid, quantize_to_grid
+from tsquant.quantizers.weight import WeightGrid
 from tsquant.solver import SolverConfig, solve_layer
-from tsquant.solver.rounding import gptq_round, output_space_rounding
+from tsquant.solver.rounding import gptq_round, output_space_rounding, weight_space_rounding
 
 TERNARY = WeightGrid.from_spec("ternary")
 
@@ -22,11 +22,6 @@ def correlated_inputs(seed: int, m: int = 2000, n: int = 24, mix: float = 0.8) -
 def output_error(x, weights_t, codes_t, alpha):
     """||X (alpha w - w_fp)||^2 per channel."""
     return ((x @ (codes_t * alpha[None, :] - weights_t)) ** 2).sum(0)
-
-
-def weight_space(weights_t, grid):
-    codes, alpha = quantize_to_grid(weights_t.T, grid)
-    return codes.double().T, alpha.double()
 
 
 def test_identity_gram_is_plain_rounding():
@@ -52,7 +47,7 @@ def test_output_space_rounding_beats_weight_space_rounding_on_correlated_inputs(
     assert codes.shape == (24, 8) and alpha.shape == (8,) and bool((alpha > 0).all())
     assert bool(((codes >= grid.low) & (codes <= grid.high)).all())
     ours = output_error(x, weights_t, codes, alpha)
-    codes0, alpha0 = weight_space(weights_t, grid)
+    codes0, alpha0 = weight_space_rounding(weights_t.T, grid)
     theirs = output_error(x, weights_t, codes0, alpha0)
     assert float(ours.sum()) < 0.7 * float(theirs.sum())
 
@@ -71,7 +66,7 @@ def test_never_worse_than_weight_space_rounding_in_output_space(seed, n, c, mix,
     gen = torch.Generator().manual_seed(seed + 1)
     weights_t = torch.randn(n, c, generator=gen, dtype=torch.float64)
     codes, alpha = output_space_rounding(x.T @ x, weights_t, grid)
-    codes0, alpha0 = weight_space(weights_t, grid)
+    codes0, alpha0 = weight_space_rounding(weights_t.T, grid)
     # the weight-space codes with their least-squares alpha, as the search scores them
     gram_matrix = x.T @ x
     cross = (codes0 * (gram_matrix @ weights_t)).sum(0)
@@ -85,7 +80,7 @@ def test_never_worse_than_weight_space_rounding_in_output_space(seed, n, c, mix,
 def test_zero_inputs_keep_the_weight_space_rounding():
     weights_t = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     codes, alpha = output_space_rounding(torch.zeros(6, 6, dtype=torch.float64), weights_t, TERNARY)
-    codes0, alpha0 = weight_space(weights_t, TERNARY)
+    codes0, alpha0 = weight_space_rounding(weights_t.T, TERNARY)
     assert torch.equal(codes, codes0) and torch.allclose(alpha, alpha0)
 
 

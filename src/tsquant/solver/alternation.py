@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..quantizers.activation import SparseQuantizer, count_edges_below
-from ..quantizers.weight import WeightGrid, quantize_to_grid
-from .rounding import output_space_rounding
+from ..quantizers.weight import WeightGrid
+from .rounding import output_space_rounding, weight_space_rounding
 from .rows import RowStore, as_row_store
 from .statistics import gram
 
@@ -324,21 +324,21 @@ def _ridge_solve(gram_matrix, rhs, relative_ridge: float):
     return torch.linalg.solve(gram_matrix + ridge * eye, rhs)
 
 
-def _round_start(gram_matrix, weights, grid: WeightGrid, config: SolverConfig, given: bool):
-    """Grid codes (n, c) float64 and alpha (c,) from full-precision weights (c, n).
+def _round_given_weights(gram_matrix, weights, grid: WeightGrid, config: SolverConfig):
+    """Grid codes (n, c) float64 and alpha (c,) from given full-precision (step-1) weights
+    (c, n), by the configured start.
 
-    Output-space rounding only for given (step-1) weights: a least-squares start has absorbed
-    the missing intercept into its weights, and rounding it faithfully keeps that basin
-    (planted problem on code inputs: 0.81 agreement vs 1.0 from the weight-space rounding)."""
-    if config.start == "gptq" and given:
-        return output_space_rounding(gram_matrix, weights.T, grid)
-    codes, alpha = quantize_to_grid(weights, grid)  # OTWA for ternary
-    return codes.double().T.contiguous(), alpha.double().to(gram_matrix.device)
+    A least-squares start is always rounded in weight space instead: it has absorbed the
+    missing intercept into its weights, and rounding it faithfully keeps that basin (planted
+    problem on code inputs: 0.81 agreement vs 1.0 from the weight-space rounding)."""
+    if config.start == "gptq":
+        return output_space_rounding(gram_matrix, weights.to(gram_matrix.device).T, grid)
+    return weight_space_rounding(weights, grid)
 
 
 def _initial_weights(problem: _Problem, init, bias, grid, config, c):
     if init is not None:
-        return _round_start(problem.gram, init.reshape(c, -1).to(problem.gram), grid, config, True)
+        return _round_given_weights(problem.gram, init.reshape(c, -1), grid, config)
     # least-squares fit to a pre-activation placed inside each target code's bin
     step, edges = problem.step, problem.edges
     rhs = torch.zeros(problem.x.width, c, dtype=torch.float64, device=edges.device)
@@ -350,7 +350,7 @@ def _initial_weights(problem: _Problem, init, bias, grid, config, c):
             r = r - problem.offset.block(i)
         rhs.addmm_(problem.x.block(i, torch.float64).T, r)
     w_ls = _ridge_solve(problem.gram, rhs, config.ridge)  # (n, c)
-    return _round_start(problem.gram, w_ls.T, grid, config, False)
+    return weight_space_rounding(w_ls.T, grid)
 
 
 _FIT_TOLERANCE = 1e-6  # relative loss decrease that keeps the alpha/bias fit going
@@ -628,12 +628,11 @@ def solve_linear_layer(
     def cross_residual():  # X'(T - bias)
         return stats.cross - torch.outer(stats.column_sum, bias)
 
-    given = init is not None
-    if not given:
-        init = _ridge_solve(stats.gram, cross_residual(), cfg.ridge).T
-    weights_t, alpha = _round_start(
-        stats.gram, init.reshape(c, -1).to(stats.gram), grid, cfg, given
-    )
+    if init is None:  # a least-squares start: weight space (see _round_given_weights)
+        least_squares = _ridge_solve(stats.gram, cross_residual(), cfg.ridge)
+        weights_t, alpha = weight_space_rounding(least_squares.T, grid)
+    else:
+        weights_t, alpha = _round_given_weights(stats.gram, init.reshape(c, -1), grid, cfg)
 
     def relative_error():
         """||T - alpha X w - bias||^2 / ||T - mean||^2, expanded in the accumulated sums."""

@@ -21,6 +21,15 @@ DEFAULT_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 _BLOCK = 128  # coordinates rounded between two matrix-product updates of the rest
 
 
+def weight_space_rounding(
+    weights: torch.Tensor, grid: WeightGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's start: codes (n, c) float64 and alpha (c,) float64 nearest to weights (c, n)
+    in weight space (OTWA for ternary, quantize_to_grid)."""
+    codes, alpha = quantize_to_grid(weights, grid)
+    return codes.double().T.contiguous(), alpha.double()
+
+
 def gptq_round(
     gram_matrix: torch.Tensor, targets_t: torch.Tensor, grid: WeightGrid, damp: float = 0.01
 ) -> torch.Tensor:
@@ -63,8 +72,7 @@ def output_space_rounding(
     (all-zero inputs) or is numerically unusable."""
     weights_t = weights_t.double()
     c = weights_t.shape[1]
-    codes0, alpha0 = quantize_to_grid(weights_t.T, grid)
-    codes0, alpha0 = codes0.double().T.contiguous(), alpha0.double().to(weights_t.device)
+    codes0, alpha0 = weight_space_rounding(weights_t.T, grid)
     a = gram_matrix.double()
     if not bool(a.diagonal().sum() > 0):
         return codes0, alpha0
