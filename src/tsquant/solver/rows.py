@@ -143,6 +143,20 @@ class RowStore:
             self._cache[i] = decoded = decoded.contiguous()
         return decoded
 
+    def warm(self) -> None:
+        """Decode blocks into the cache, in order, while the budget allows. Called before a
+        solver's passes, so the long-lived decoded blocks are allocated before the passes'
+        temporaries and do not end up scattered among them in the heap (fragmentation raised
+        step 2's peak memory by about 40 % at 4,096 calibration images)."""
+        if self.palette is None:
+            return  # float blocks are read as they are
+        for i in range(self.num_blocks):
+            if i in self._cache:
+                continue
+            if self.cache.used + 4 * self.block_rows[i] * (self.width or 0) > self.cache.limit:
+                return
+            self.block(i)
+
     @property
     def cached_bytes(self) -> int:
         return sum(4 * t.numel() for t in self._cache.values())
