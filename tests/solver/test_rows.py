@@ -146,6 +146,35 @@ def test_decoded_blocks_are_cached_up_to_the_budget_only():
     assert store.nbytes == 30 * 2  # the packed codes; the cache is not counted
 
 
+def test_warm_decodes_blocks_in_order_until_the_budget_is_spent():
+    codes = torch.randint(0, 4, (30, 8), generator=torch.Generator().manual_seed(4)).float()
+    store = RowStore(cache_bytes=2 * 10 * 8 * 4 + 4)  # room for two decoded blocks of 10 rows
+    for start in (0, 10, 20):
+        store.append(codes[start : start + 10])
+    store.warm()
+    assert store.cached_bytes == 2 * 10 * 8 * 4
+    assert store.block(0) is store.block(0) and store.block(1) is store.block(1)
+    assert store.block(2) is not store.block(2)  # no room left: decoded every time
+    floats = RowStore(compress=False, cache_bytes=1 << 20)
+    floats.append(codes + 0.5)
+    floats.warm()  # float blocks are read as they are: nothing to decode
+    assert floats.cached_bytes == 0
+
+
+def test_projections_are_views_of_one_buffer_that_each_call_overwrites():
+    from tsquant.solver.alternation import _Problem
+
+    x, y, quantizer, offset, init = planted_code_problem(5)
+    problem = _Problem(x, y, quantizer, offset, chunk_rows=300)
+    first = problem.projections(init)
+    expected = [block @ init.T.float() for block in problem.x.blocks()]
+    assert [b.shape for b in first] == [e.shape for e in expected]
+    assert all(torch.equal(b, e) for b, e in zip(first, expected, strict=True))
+    second = problem.projections(-init)
+    assert second[0].data_ptr() == first[0].data_ptr()  # no second (m, c) allocation
+    assert torch.equal(torch.cat(first), -torch.cat(expected))  # the old views see the new S
+
+
 @pytest.mark.parametrize("budget", [0, 40_000])
 def test_a_small_cache_budget_changes_memory_not_results(budget):
     from tsquant import SolverConfig
