@@ -135,6 +135,7 @@ class _Problem:
             quantizer.encode(t).to(device=device, dtype=torch.uint8) for t in target_store.blocks()
         ]
         self.m = self.x.rows
+        self._projections: torch.Tensor | None = None  # (m, c) buffer behind projections()
 
     @functools.cached_property
     def gram(self) -> torch.Tensor:
@@ -195,15 +196,14 @@ class _Problem:
         set of block-sized ones per alternation, which the heap scattered among the passes'
         temporaries (README, "Step 2 at scale")."""
         w = weights.T.float()
-        buffer = getattr(self, "_projections", None)
-        if buffer is None or buffer.shape[1] != w.shape[1]:
-            self._projections = buffer = None  # the old buffer goes before the new one comes
-            buffer = self._projections = torch.empty(
+        if self._projections is None or self._projections.shape[1] != w.shape[1]:
+            self._projections = None  # the old buffer goes before the new one comes
+            self._projections = torch.empty(
                 self.m, w.shape[1], dtype=torch.float32, device=w.device
             )
         views, start = [], 0
         for i, rows in enumerate(self.x.block_rows):
-            view = buffer[start : start + rows]
+            view = self._projections[start : start + rows]
             torch.matmul(self.x.block(i), w, out=view)
             views.append(view)
             start += rows

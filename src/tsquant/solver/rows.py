@@ -70,8 +70,11 @@ class CacheBudget:
     def __init__(self, limit_bytes: int):
         self.limit, self.used = limit_bytes, 0
 
+    def fits(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.limit
+
     def take(self, nbytes: int) -> bool:
-        if self.used + nbytes > self.limit:
+        if not self.fits(nbytes):
             return False
         self.used += nbytes
         return True
@@ -153,7 +156,7 @@ class RowStore:
         for i in range(self.num_blocks):
             if i in self._cache:
                 continue
-            if self.cache.used + 4 * self.block_rows[i] * (self.width or 0) > self.cache.limit:
+            if not self.cache.fits(4 * self.block_rows[i] * (self.width or 0)):
                 return
             self.block(i)
 
