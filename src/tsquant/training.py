@@ -87,10 +87,11 @@ def train(
     work_dir: Path,
     device: str = "cpu",
     desc: str = "train",
-    test_loader=None,
+    val_loader=None,
 ) -> list[dict]:
     """Train in place; resume from ``work_dir/resume.safetensors`` when present. Returns per-epoch
-    logs. Under torchrun the model is wrapped in DDP and rank 0 writes the checkpoints."""
+    logs (with ``val_top1`` after each epoch when a validation loader is given). Under torchrun
+    the model is wrapped in DDP and rank 0 writes the checkpoints."""
     work_dir = Path(work_dir)
     model.to(device)
     net = distributed.wrap(model, device)
@@ -172,8 +173,8 @@ def train(
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": 100 * correct / max(seen, 1),
         }
-        if test_loader is not None and main_rank:
-            log["test_top1"] = evaluate(model, test_loader, device, f"{desc} eval")
+        if val_loader is not None and main_rank:
+            log["val_top1"] = evaluate(model, val_loader, device, f"{desc} val")
         logs.append(log)
         print(
             f"[{desc}{'' if main_rank else f' rank {distributed.world().rank}'}] "

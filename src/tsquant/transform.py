@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .calibration import draw_calibration
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
@@ -53,6 +54,7 @@ class TransformConfig:
     # 4 MB took 174 s against 85 s, README "Step 2 at scale"), so it is opt-in
     mmap_threshold_mb: int = 0
     max_images: int | None = None  # cap on calibration images (None: the whole loader)
+    input_key: str | None = None  # dict batches: the images' key (None: tsquant.calibration)
     first_layer: str = "fp"  # "fp" or "quantize"
     last_layer: str = "fp"
     seed: int = 0
@@ -98,9 +100,11 @@ class _Capture:
 
     def __init__(self, model: nn.Module, wanted: dict, reduce=None):
         # wanted: key -> (module name, "input" | "output"); reduce(key, tensor), when given, is
-        # applied in the hook, so only what it returns is held until the pass ends
+        # applied in the hook, so only what it returns is held until the pass ends. It must not
+        # keep the tensor by reference: a later in-place op (`out += shortcut`, relu_) would
+        # change what was captured; the default keeps a copy.
         self.model, self.wanted, self.got, self.handles = model, wanted, {}, []
-        self.reduce = reduce or (lambda key, t: t)
+        self.reduce = reduce or (lambda key, t: t.clone())
         self.active = False  # two captures may hook the same model (parallel mode)
         for key, (name, where) in wanted.items():
             module = model.get_submodule(name)
@@ -213,24 +217,11 @@ def _patch_rows(
     return torch.cat(rows)
 
 
-def _batches(loader: Iterable, max_images: int | None, device):
-    seen = 0
-    for index, batch in enumerate(loader):
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        if not torch.isfinite(x).all():
-            raise ValueError(
-                f"calibration batch {index} contains NaN or Inf values: clean or re-decode the data"
-            )
-        if max_images is not None:
-            if seen >= max_images:
-                break
-            x = x[: max_images - seen]
-        seen += x.shape[0]
-        yield x.to(device)
-    if seen == 0:
-        raise ValueError(
-            "the calibration loader yielded no images: give step 2 some training images"
-        )
+def _batches(calibration: Iterable, max_images: int | None, device):
+    """The calibration batches; a loader is read once first (see tsquant.calibration), so
+    every pass over the result sees the same images."""
+    drawn = isinstance(calibration, list) and all(isinstance(b, torch.Tensor) for b in calibration)
+    return calibration if drawn else draw_calibration(calibration, max_images, device=device)
 
 
 _TARGET_MODULE = {  # target kind -> where the step-1 model shows it
@@ -250,7 +241,7 @@ def _capture_targets(step1: nn.Module, wanted: dict, loader, cfg) -> dict[int, R
 
     def rows_of(index, out):
         pos = _sampled_positions(out, cfg.positions_per_image, gens[index])
-        return out.flatten(1) if pos is None else _rows_from_map(out, pos)
+        return out.flatten(1).clone() if pos is None else _rows_from_map(out, pos)
 
     where = {i: (_TARGET_MODULE[kind](layer), "output") for i, (layer, kind) in wanted.items()}
     cap = _Capture(step1, where, reduce=rows_of)
@@ -280,7 +271,9 @@ def _collect(layer: Layer, index: int, source: nn.Module, loader, cfg, offsets: 
     offs = RowStore(cache=budget) if offsets else None
 
     def reduce(key, t):  # keep the layer output's positions only, not the map
-        return _sampled_positions(t, cfg.positions_per_image, gen) if key == "out" else t
+        if key == "out":
+            return _sampled_positions(t, cfg.positions_per_image, gen)
+        return t.clone()  # the block's add may be in place (`out += shortcut`)
 
     cap = _Capture(source, wanted, reduce)
     try:
@@ -322,8 +315,15 @@ def transform(
     """
     cfg = config or TransformConfig()
     check_finite(model_step1, "the step-1 model")
+    # every pass below must see the same images, whatever the loader does (shuffle, one-shot)
+    calibration = (
+        []  # the OTWA baseline needs no data
+        if cfg.method == "otwa"
+        else draw_calibration(calib_loader, cfg.max_images, cfg.input_key, cfg.device)
+    )
     set_mmap_threshold(cfg.mmap_threshold_mb * 2**20)  # block temporaries go back to the OS
-    step1 = model_step1.to(cfg.device).eval()
+    # the caller's model keeps its mode, device and parameters
+    step1 = copy.deepcopy(model_step1).to(cfg.device).eval()
     quantized = copy.deepcopy(step1).eval()
     layers = analyse(step1)
     todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
@@ -334,7 +334,7 @@ def transform(
     if cfg.method != "otwa":
         # the step-1 codes every coded layer reproduces, from one pass of the step-1 model
         wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if kinds[i] == "codes"}
-        code_targets = _capture_targets(step1, wanted, calib_loader, cfg)
+        code_targets = _capture_targets(step1, wanted, calibration, cfg)
     bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
     for index, layer in enumerate(bar):
         # the first layer's capture time includes the pass that captured all code targets
@@ -358,8 +358,8 @@ def transform(
         if coded:
             Y = code_targets.pop(index)
         else:  # FP targets are captured per layer: kept for all layers they would add up
-            Y = _capture_targets(step1, {index: (layer, target_kind)}, calib_loader, cfg)[index]
-        X, offset = _collect(layer, index, source, calib_loader, cfg, coded and layer.residual)
+            Y = _capture_targets(step1, {index: (layer, target_kind)}, calibration, cfg)[index]
+        X, offset = _collect(layer, index, source, calibration, cfg, coded and layer.residual)
         weight = step1.get_submodule(layer.name).weight.detach()
         scale, shift = bn_affine(step1, layer)
         init = weight.reshape(weight.shape[0], -1) * scale[:, None]

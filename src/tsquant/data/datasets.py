@@ -159,6 +159,49 @@ class ArrayDataset:
         x, y = self.gather(ix)
         return replace(self, images=x.numpy(), labels=y.numpy(), _stats=self._stats)
 
+    def holdout(self, n: int) -> tuple[ArrayDataset, ArrayDataset]:
+        """(rest, held_out): n samples held out, stratified by class, the same for every seed.
+
+        Used as a validation split carved from the training images, so that settings are chosen
+        without looking at the test set. Each class gives n / num_classes samples (the remainder
+        to the first classes); both parts keep the original relative order.
+        """
+        if not 0 < n < len(self):
+            raise DataError(
+                f"{self.name}: a validation split of {n} needs 1..{len(self) - 1} images: "
+                "lower data.val_split"
+            )
+        labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.long)
+        k = max(self.num_classes, int(labels.max()) + 1)
+        counts = torch.bincount(labels, minlength=k)
+        g = torch.Generator().manual_seed(_mix_seed("holdout", len(self)))
+        want = [n // k + (1 if c < n % k else 0) for c in range(k)]
+        picked = []
+        for c in range(k):
+            members = (labels == c).nonzero().flatten()
+            if want[c] > int(counts[c]) - 1:
+                raise DataError(
+                    f"{self.name}: class '{self.classes[c] if c < len(self.classes) else c}' has "
+                    f"{int(counts[c])} images, too few to hold out {want[c]}: lower data.val_split"
+                )
+            picked.append(members[torch.randperm(len(members), generator=g)[: want[c]]])
+        held = torch.cat(picked).sort().values
+        mask = torch.ones(len(self), dtype=torch.bool)
+        mask[held] = False
+        rest = mask.nonzero().flatten()
+
+        def part(ix: torch.Tensor, suffix: str) -> ArrayDataset:
+            x, y = self.gather(ix)
+            return replace(
+                self,
+                images=x.numpy(),
+                labels=y.numpy(),
+                title=f"{self.title} {suffix}",
+                _stats=self._stats,
+            )
+
+        return part(rest, f"(train minus {n} val)"), part(held, f"({n} val held out of train)")
+
 
 def _dtype_name(a: ArrayLike) -> str:
     return str(a.dtype).removeprefix("torch.")

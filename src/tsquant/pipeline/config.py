@@ -46,6 +46,11 @@ class DataConfig:
     )
     train_subset: int | None = opt(None, "use only this many training images (quick runs)")
     test_subset: int | None = opt(None, "evaluate on only this many test images (quick runs)")
+    val_split: int = opt(
+        0,
+        "hold out this many training images (stratified, the same for every seed) as a "
+        "validation split for choosing settings; stages then report val top-1 (0: none)",
+    )
 
 
 @dataclass

@@ -46,16 +46,29 @@ class Context:
         self.world, self.device = distributed.init_from_env(cfg.device)
 
     def dataset(self, split: str):
+        """'train', 'test' or 'val' (data.val_split training images held out of 'train')."""
         if split not in self._data:
             d = self.cfg.data
             ds = load_dataset(
-                d.dataset, split, root=d.root, image_size=d.image_size, download=d.download
+                d.dataset,
+                "train" if split == "val" else split,
+                root=d.root,
+                image_size=d.image_size,
+                download=d.download,
             )
-            limit = d.train_subset if split == "train" else d.test_subset
+            if split in ("train", "val") and d.val_split:
+                rest, held = ds.holdout(d.val_split)
+                ds = held if split == "val" else rest
+            limit = {"train": d.train_subset, "test": d.test_subset}.get(split)
             if limit is not None and limit < len(ds):
                 ds = ds.subset(limit, seed=self.cfg.seed)
             self._data[split] = ds
         return self._data[split]
+
+    def val_loader(self) -> BatchLoader | None:
+        if not self.cfg.data.val_split:
+            return None
+        return BatchLoader(self.dataset("val"), self.cfg.data.eval_batch_size)
 
     def train_loader(self, cfg_train) -> BatchLoader:
         return BatchLoader(
@@ -164,13 +177,16 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
         ctx.stage_dir(stage),
         ctx.device,
         desc=desc,
-        test_loader=None,
+        val_loader=ctx.val_loader(),
     )
     top1 = None
     if ctx.world.main:
         top1 = evaluate(model, ctx.test_loader(), ctx.device, f"{stage} eval")
         print(f"[{stage}] test top-1 {top1:.2f}%", flush=True)
-    return {"logs": logs, "test_top1": top1, "wall_s": time.time() - start}
+    meta = {"logs": logs, "test_top1": top1, "wall_s": time.time() - start}
+    if logs and "val_top1" in logs[-1]:
+        meta["val_top1"] = logs[-1]["val_top1"]
+    return meta
 
 
 def stage_train(ctx: Context) -> None:
