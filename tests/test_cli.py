@@ -79,3 +79,60 @@ def test_tiny_end_to_end_run(tmp_path, tiny_run_args, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "train: done, skipped" in out and "transform: done, skipped" in out
+
+
+USER_MODEL = '''
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's CNN as people write them: biased convs, affine BN, F.relu, view-flatten."""
+
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width * 7 * 7, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x)), inplace=True), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def make(num_classes=10, width=8):
+    return Net(num_classes, width)
+'''
+
+
+def test_run_on_a_users_model_given_as_module_factory(tmp_path, tiny_run_args, monkeypatch, capsys):
+    (tmp_path / "user_models_for_tsquant.py").write_text(USER_MODEL)
+    monkeypatch.chdir(tmp_path)  # the module is found in the current directory
+    model = [
+        "--set",
+        "model.name=user_models_for_tsquant:make",
+        "--set",
+        "model.kwargs.width=6",
+    ]
+    assert main(["run", *tiny_run_args, *model, "--set", "codes.affine_bn=keep"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp", "step1", "tsq", "tsq_ft"]
+    verified = json.loads((run / "export" / "verify.json").read_text())
+    assert verified["int_vs_fakequant64_disagreements"] == 0
+    assert verified["onnx_vs_int_disagreements"] == 0
+    # a factory whose model does not fit the data is refused before any training
+    capsys.readouterr()
+    wrong = ["--set", "model.name=user_models_for_tsquant:make", "--set", "name=wrong"]
+    wrong += ["--set", "model.kwargs.num_classes=3"]
+    assert main(["run", *tiny_run_args, *wrong]) == 2
+    err = capsys.readouterr().err
+    assert "10 classes" in err and "model.kwargs" in err and "\n" not in err.strip()
+    assert not (tmp_path / "runs" / "wrong" / "train").exists()
+    for spec, fragment in (
+        ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
+        ("user_models_for_tsquant:missing", "has no callable 'missing'"),
+    ):
+        assert main(["eval", *tiny_run_args, "--set", f"model.name={spec}"]) == 2
+        assert fragment in capsys.readouterr().err

@@ -132,7 +132,7 @@ LIBRARY_CASES = {
     "empty calibration loader": (
         lambda: transform(_step1(), [], TransformConfig(verbose=False)),
         ValueError,
-        "calibration loader yielded no images",
+        "calibration data yielded no images",
     ),
     "input shape mismatch": (
         lambda: transform(_step1(), [torch.zeros(2, 5, 28, 28)], TransformConfig(verbose=False)),

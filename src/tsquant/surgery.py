@@ -19,25 +19,20 @@ import torch
 import torch.fx
 from torch import nn
 
+from .normalise import (
+    ACTIVATIONS,
+    BATCH_NORMS,
+    LEAVES,
+    WEIGHT_LAYERS,
+    SurgeryError,
+    normalise,
+    trace,
+)
 from .quantizers.activation import SparseQuantizer
 from .quantizers.modules import QuantizedConv2d, QuantizedLinear
 
-WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-ACTIVATIONS = (nn.ReLU, SparseQuantizer)
-PASS_THROUGH = (
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Flatten,
-    nn.Identity,
-    nn.Dropout,
-)
-SUPPORTED = WEIGHT_LAYERS + BATCH_NORMS + ACTIVATIONS + PASS_THROUGH
 UNSUPPORTED_FUNCTIONS = {
     "relu",
-    "relu_",
     "gelu",
     "silu",
     "sigmoid",
@@ -51,10 +46,6 @@ UNSUPPORTED_FUNCTIONS = {
     "mish",
 }
 ADDS = {operator.add, operator.iadd, torch.add}
-
-
-class SurgeryError(ValueError):
-    """The model cannot be turned into a TSQ model; the message names the modules and the fix."""
 
 
 @dataclass
@@ -74,25 +65,6 @@ class Layer:
     feeds: list[str] = field(default_factory=list)  # linear layers added into this chain
     first: bool = False
     last: bool = False
-
-
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """The model as an fx graph whose leaves are the modules tsquant understands."""
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return isinstance(
-                m, SUPPORTED + (QuantizedConv2d, QuantizedLinear)
-            ) or super().is_leaf_module(m, qualname)
-
-    try:
-        graph = Tracer().trace(model)
-    except Exception as exc:  # fx raises many kinds
-        raise SurgeryError(
-            f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc}); "
-            "remove data-dependent Python control flow from forward()"
-        ) from None
-    return torch.fx.GraphModule(model, graph)
 
 
 def _module_of(gm, node):
@@ -119,14 +91,20 @@ def analyse(model: nn.Module) -> list[Layer]:
     problems = []
     for node in nodes:
         module = _module_of(gm, node)
-        if module is not None and not isinstance(
-            module, SUPPORTED + (QuantizedConv2d, QuantizedLinear)
-        ):
+        if module is not None and not isinstance(module, LEAVES):
             problems.append(f"{node.target} ({type(module).__name__})")
         if node.op in ("call_function", "call_method"):
             fname = getattr(node.target, "__name__", str(node.target))
-            if fname in UNSUPPORTED_FUNCTIONS:
-                problems.append(f"{node.name} (functional {fname}; use an nn.ReLU module)")
+            if fname.rstrip("_") == "relu":
+                problems.append(
+                    f"{node.name} (functional relu: tsquant.prepare_step1 or "
+                    "tsquant.normalise.normalise rewrites it into a module; analyse their result)"
+                )
+            elif fname.rstrip("_") in UNSUPPORTED_FUNCTIONS:
+                problems.append(
+                    f"{node.name} (functional {fname} in forward(); TSQ quantizes ReLU "
+                    "activations: use F.relu or nn.ReLU there)"
+                )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             problems.append(f"{node.target} (grouped Conv2d, groups={module.groups})")
     if problems:
@@ -265,25 +243,50 @@ def prepare_step1(
     eps: float = 0.32,
     keep_head_input_fp: bool = True,
     inplace: bool = False,
+    affine_bn: str = "fold",
+    check_export: bool = True,
 ) -> nn.Module:
-    """FP model -> step-1 model: non-affine BNs, ReLUs replaced by sparse quantizers.
+    """FP model -> step-1 model: ReLUs replaced by sparse quantizers (TSQ-METHOD.md, step 1).
 
+    The model is first normalised (:mod:`tsquant.normalise`: functional ReLUs, view-flattens,
+    conv biases, torch.compile wrappers), so users' models work as they are written.
+    ``affine_bn``: "fold" (the paper's non-affine BN before each quantizer: gamma's sign and the
+    statistics are folded into the layer, |gamma| and beta dropped for step 1 to re-learn) or
+    "keep" (affine BNs stay as they are, trainable; the converted model computes the FP
+    network's pre-activations exactly, and step 2 folds gamma and beta into alpha and the bias).
     ``keep_head_input_fp`` keeps a full-precision ReLU on the input of the last layer, as in the
-    authors' released AlexNet (spec, "Released AlexNet layout").
+    authors' released AlexNet (spec, "Released AlexNet layout"). ``check_export`` reports, before
+    any training, an operation the integer export could not write.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
-    layers = analyse(model)
-    keep_fp = _head_input_activations(model, layers) if keep_head_input_fp else set()
+    if affine_bn not in ("fold", "keep"):
+        raise SurgeryError(f"affine_bn must be 'fold' or 'keep', got {affine_bn!r}")
+    prepared = normalise(model)
+    if inplace:
+        if isinstance(prepared, torch.fx.GraphModule) and not isinstance(
+            model, torch.fx.GraphModule
+        ):
+            raise SurgeryError(
+                "the model's forward() needs rewriting (functional ReLUs, view-flatten or conv "
+                "biases): call prepare_step1 without inplace=True and use the model it returns"
+            )
+        prepared = model
+    layers = analyse(prepared)
+    keep_fp = _head_input_activations(prepared, layers) if keep_head_input_fp else set()
     for layer in layers:
         if layer.bn is None:
             continue
-        bn = model.get_submodule(layer.bn)
-        if bn.affine:
-            _set_module(model, layer.bn, _fold_affine_bn(model.get_submodule(layer.name), bn))
+        bn = prepared.get_submodule(layer.bn)
+        if bn.affine and affine_bn == "fold":
+            _set_module(prepared, layer.bn, _fold_affine_bn(prepared.get_submodule(layer.name), bn))
         if layer.activation is not None and layer.activation not in keep_fp:
-            _set_module(model, layer.activation, SparseQuantizer.from_gaussian(bits=bits, eps=eps))
-    return model
+            _set_module(
+                prepared, layer.activation, SparseQuantizer.from_gaussian(bits=bits, eps=eps)
+            )
+    if check_export:
+        from .export.graph import build_graph  # the export builds on surgery
+
+        build_graph(prepared)
+    return prepared
 
 
 def swap_for_qat(
@@ -297,7 +300,7 @@ def swap_for_qat(
     """A copy of ``model`` for quantization-aware training baselines: the quantizable weight
     layers become ``weight_factory(layer)`` and the activations ``activation_factory()``, with
     the same first/last/head-input policy as TSQ."""
-    model = copy.deepcopy(model)
+    model = normalise(model)
     layers = analyse(model)
     keep_fp = _head_input_activations(model, layers) if keep_head_input_fp else set()
     for layer in quantizable_layers(layers, first_layer, last_layer):

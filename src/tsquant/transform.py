@@ -314,6 +314,11 @@ def transform(
     first layer's ``capture_s`` includes the one pass that captures every layer's step-1 codes.
     """
     cfg = config or TransformConfig()
+    if not any(isinstance(m, SparseQuantizer) for m in model_step1.modules()):
+        raise ValueError(
+            "the model has no sparse activation quantizers: pass the step-1 model "
+            "(tsquant.prepare_step1(model), trained with its 2-bit activations) to transform"
+        )
     check_finite(model_step1, "the step-1 model")
     # every pass below must see the same images, whatever the loader does (shuffle, one-shot)
     calibration = (

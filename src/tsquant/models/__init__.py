@@ -92,3 +92,53 @@ def build_model(
     return builder(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
     )
+
+
+def is_factory_spec(name: str) -> bool:
+    """``package.module:factory`` names a user's model factory instead of a built-in model."""
+    return ":" in str(name)
+
+
+def build_user_model(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """``package.module:factory`` -> ``factory(**kwargs)``, a user's own model.
+
+    The module is imported from the Python path (the current directory included, as tools that
+    take ``module:attribute`` do); every failure is a one-line ``ValueError`` saying what to fix.
+    """
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = str(spec).partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model.name {spec!r}: write it as package.module:factory")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError or an error inside the user's module
+        raise ValueError(
+            f"model.name {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); put it on "
+            "PYTHONPATH or run tsquant from the folder that holds it"
+        ) from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ValueError(
+            f"model.name {spec!r}: {module_name} has no callable {attr!r}: name a function or "
+            "class that returns the nn.Module"
+        )
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise ValueError(
+            f"model.name {spec!r} rejected model.kwargs {kwargs or {}} ({exc}): give the "
+            "arguments its signature takes"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model.name {spec!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model

@@ -56,8 +56,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = opt(
-        "small_cnn", "architecture: small_cnn, resnet20/32/56, vgg_small, alexnet_bn, resnet18"
+        "small_cnn",
+        "architecture: small_cnn, resnet20/32/56, vgg_small, alexnet_bn, resnet18, or your own "
+        "model as package.module:factory",
     )
+    kwargs: dict = opt({}, "keyword arguments of the model (built-in or package.module:factory)")
 
 
 @dataclass
@@ -81,6 +84,12 @@ class CodesConfig(TrainConfig):
     eps: float = opt(0.32, "sparsity threshold eps (fraction of zeros = Phi(eps))")
     keep_head_input_fp: bool = opt(
         True, "keep a FP ReLU on the last layer's input (released AlexNet)"
+    )
+    affine_bn: str = opt(
+        "fold",
+        "affine BNs of the FP model: fold (the paper's non-affine BN; beta and |gamma| dropped "
+        "for step 1 to re-learn) or keep (gamma and beta stay; the converted model starts "
+        "from the FP pre-activations)",
     )
 
 
@@ -272,6 +281,8 @@ def validate(config, prefix: str = "") -> None:
         "first_layer": lambda v: v in ("fp", "quantize"),
         "last_layer": lambda v: v in ("fp", "quantize"),
         "device": lambda v: v == "cpu" or v.startswith("cuda"),
+        "affine_bn": lambda v: v in ("fold", "keep"),
+        "val_split": lambda v: v >= 0,
     }
     hints = {
         "bits": "use 1..8",
@@ -280,6 +291,8 @@ def validate(config, prefix: str = "") -> None:
         "mode": "use sequential or parallel",
         "method": "use tsq, otwa or adaround",
         "variant": "use tsquant or paper",
+        "affine_bn": "use fold or keep",
+        "val_split": "use 0 (none) or a number of training images to hold out",
     }
     for f in fields(config):
         value = getattr(config, f.name)
@@ -287,6 +300,8 @@ def validate(config, prefix: str = "") -> None:
             hint = hints.get(f.name, "see `tsquant --help`")
             raise ConfigError(f"{prefix}{f.name}={value!r} is out of range: {hint}")
     for attr, known in (("dataset", "datasets"), ("name", "models")):
+        if isinstance(config, ModelConfig) and attr == "name" and ":" in config.name:
+            continue  # a user's factory: imported and checked when the model is built
         if isinstance(config, DataConfig | ModelConfig) and hasattr(config, attr):
             valid = _known_names(known)
             value = getattr(config, attr)

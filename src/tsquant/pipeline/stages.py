@@ -7,16 +7,19 @@ presence means the stage is complete). ``run_all`` runs the stages that are not 
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
 from .. import __version__, distributed
 from ..data import BatchLoader, load_dataset
-from ..models import build_model
+from ..models import build_model, build_user_model, is_factory_spec
+from ..normalise import normalise
 from ..surgery import analyse, prepare_step1, quantizable_layers, quantized_skeleton
 from ..training import clear_resume, evaluate, train
 from ..transform import TransformConfig, transform
@@ -28,7 +31,7 @@ from .checkpoints import (
     save_tensors,
     sha256_of,
 )
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 STAGES = ("train", "codes", "transform", "finetune", "eval", "export", "report")
 CHECKPOINTED = ("train", "codes", "transform", "finetune")  # stages whose result is a model
@@ -41,6 +44,7 @@ class Context:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self._data = {}
+        self._user_model_checked = False
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.world, self.device = distributed.init_from_env(cfg.device)
@@ -95,16 +99,44 @@ class Context:
 
     def fp_model(self) -> torch.nn.Module:
         ds = self.dataset("test")
-        h, _, c = ds.image_shape
+        h, w, c = ds.image_shape
         torch.manual_seed(self.cfg.seed)
-        return build_model(
-            self.cfg.model.name, num_classes=ds.num_classes, in_channels=c, image_size=h
-        )
+        m = self.cfg.model
+        kwargs = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in m.kwargs.items()}
+        if not is_factory_spec(m.name):
+            return build_model(
+                m.name, num_classes=ds.num_classes, in_channels=c, image_size=h, **kwargs
+            )
+        # normalised (same state-dict keys): `view` after a channels-last conv would fail
+        model = normalise(build_user_model(m.name, kwargs))
+        if not self._user_model_checked:  # one forward pass: wrong classes or channels fail now
+            try:
+                with torch.no_grad():
+                    out = copy.deepcopy(model).eval()(torch.zeros(2, c, h, w))
+            except Exception as exc:
+                raise ConfigError(
+                    f"model.name {m.name!r} cannot run on {c}x{h}x{w} images of "
+                    f"data.dataset {self.cfg.data.dataset!r} ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): fix "
+                    "model.kwargs or the data options"
+                ) from None
+            if tuple(out.shape) != (2, ds.num_classes):
+                raise ConfigError(
+                    f"model.name {m.name!r} outputs shape {tuple(out.shape[1:])} per image but "
+                    f"the dataset has {ds.num_classes} classes: set model.kwargs so the model "
+                    f"ends in {ds.num_classes} logits"
+                )
+            self._user_model_checked = True
+        return model
 
     def step1_model(self) -> torch.nn.Module:
         c = self.cfg.codes
         return prepare_step1(
-            self.fp_model(), bits=c.bits, eps=c.eps, keep_head_input_fp=c.keep_head_input_fp
+            self.fp_model(),
+            bits=c.bits,
+            eps=c.eps,
+            keep_head_input_fp=c.keep_head_input_fp,
+            affine_bn=c.affine_bn,
         )
 
     def tsq_model(self) -> torch.nn.Module:
@@ -210,7 +242,9 @@ def stage_train(ctx: Context) -> None:
 def stage_codes(ctx: Context) -> None:
     fp = ctx.load("train", ctx.fp_model())
     c = ctx.cfg.codes
-    model = prepare_step1(fp, bits=c.bits, eps=c.eps, keep_head_input_fp=c.keep_head_input_fp)
+    model = prepare_step1(
+        fp, c.bits, c.eps, keep_head_input_fp=c.keep_head_input_fp, affine_bn=c.affine_bn
+    )
     ctx.finish("codes", model, _train_stage(ctx, "codes", model, c, "step1"))
 
 
