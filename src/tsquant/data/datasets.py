@@ -128,6 +128,10 @@ class ArrayDataset:
             info = _INFO[self.name]
             if len(info.mean) == self.in_channels:
                 return info.mean, info.std
+        return self.measure_stats()
+
+    def measure_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel in [0, 1], measured on <= 10k evenly spaced images."""
         if self._stats is None:
             n = min(len(self), 10_000)
             if n == 0:
@@ -143,9 +147,9 @@ class ArrayDataset:
         """Explicit policy, else the registry's, else 'crop_flip' for RGB and 'none' for gray."""
         if self.policy is not None:
             return self.policy
-        if self.name in _INFO:
+        if self.name in _INFO and (self.name != "imagefolder" or self.in_channels == 3):
             return _INFO[self.name].augment
-        return "crop_flip" if self.in_channels == 3 else "none"
+        return "crop_flip" if self.in_channels == 3 else "crop"  # no flips of gray digits
 
     def subset(self, n: int, seed: int = 0) -> ArrayDataset:
         """n distinct samples chosen by a seeded permutation (e.g. a calibration set).
@@ -510,6 +514,7 @@ def _load_imagefolder(
     title: str,
     progress: bool,
     workers: int | None,
+    channels: int = 3,
 ) -> ArrayDataset:
     root = Path(root).expanduser().resolve()
     if is_tarball(root):
@@ -517,10 +522,18 @@ def _load_imagefolder(
     else:
         source = imagefolder.find_split_dir(imagefolder.resolve_root(root), split)
     params = {"loader": "imagefolder", "resize": size, "size": size}
+    if channels != 3:
+        params["channels"] = channels  # (3-channel cache keys stay as they were)
 
     def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
         return imagefolder.load_imagefolder(
-            root, split, resize=size, size=size, workers=workers, progress=progress
+            root,
+            split,
+            resize=size,
+            size=size,
+            workers=workers,
+            progress=progress,
+            channels=channels,
         )
 
     images, labels, classes = cached_arrays(
@@ -539,6 +552,7 @@ def load_dataset(
     cache: bool = True,
     progress: bool = True,
     workers: int | None = None,
+    channels: int | None = None,
 ) -> ArrayDataset:
     """Load a registered dataset split as an ArrayDataset (decoded once, then cached).
 
@@ -546,6 +560,7 @@ def load_dataset(
     cifar10 official copies in the cache, else ../shared/data/cifar10-jpeg.tar.gz;
     imagenette ../shared/data/imagenette-224-jpeg.tar.gz; imagefolder needs root).
     image_size: square size for ImageFolder data (shorter side resized, then center crop).
+    channels: 1 (gray) or 3 (RGB) for ImageFolder data (default 3); other datasets have theirs.
     """
     key = _canonical(name)
     info = _INFO[key]
@@ -554,6 +569,13 @@ def load_dataset(
         raise DataError(f"{key} has no split {split!r}: use one of {', '.join(info.splits)}")
     if image_size is not None and image_size <= 0:
         raise DataError(f"image_size must be positive, got {image_size}")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
+    if channels is not None and key != "imagefolder" and channels != info.in_channels:
+        raise DataError(
+            f"{key} images have {info.in_channels} channel(s): remove data.channels (it is an "
+            "ImageFolder option)"
+        )
 
     if key in ("fashion_mnist", "mnist"):
         return _load_idx(key, split, root, download, image_size, cache)
@@ -588,7 +610,7 @@ def load_dataset(
             "dataset 'imagefolder' needs a root: set data.root to a directory or .tar.gz"
         )
     return _load_imagefolder(
-        key, split, root, image_size, cache, Path(root).name, progress, workers
+        key, split, root, image_size, cache, Path(root).name, progress, workers, channels or 3
     )
 
 

@@ -98,16 +98,20 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def decode_image(
-    path: str | os.PathLike[str], resize: int | None = None, size: int | None = None
+    path: str | os.PathLike[str],
+    resize: int | None = None,
+    size: int | None = None,
+    channels: int = 3,
 ) -> np.ndarray:
-    """Decode to RGB uint8 HWC; shorter side -> `resize`, then center crop `size` x `size`."""
+    """Decode to uint8 HWC (RGB, or gray with channels=1); shorter side -> `resize`, then
+    center crop `size` x `size`."""
     if size is not None and resize is None:
         resize = size
     try:
         with Image.open(path) as im:
             if resize is not None and im.format == "JPEG":
                 im.draft(None, (resize, resize))  # DCT-domain downscale, keeps sides >= resize
-            im = im.convert("RGB")
+            im = im.convert("L" if channels == 1 else "RGB")
             if resize is not None:
                 w, h = im.size
                 if min(w, h) != resize:
@@ -122,14 +126,15 @@ def decode_image(
                 w, h = im.size
                 left, top = round((w - size) / 2), round((h - size) / 2)
                 im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8)
+            array = np.asarray(im, dtype=np.uint8)
+            return array[:, :, None] if array.ndim == 2 else array
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(
             f"cannot decode image {path} ({type(exc).__name__}: {exc}): remove or replace the file"
         ) from exc
 
 
-def _decode_job(job: tuple[str, int | None, int | None]) -> np.ndarray:
+def _decode_job(job: tuple[str, int | None, int | None, int]) -> np.ndarray:
     return decode_image(*job)
 
 
@@ -137,7 +142,9 @@ def _default_workers(n: int) -> int:
     return min(2, os.cpu_count() or 1) if n >= _POOL_MIN_IMAGES else 0
 
 
-def _decoded(jobs: list[tuple[str, int | None, int | None]], workers: int) -> Iterator[np.ndarray]:
+def _decoded(
+    jobs: list[tuple[str, int | None, int | None, int]], workers: int
+) -> Iterator[np.ndarray]:
     """Decoded images in order, sequentially or with a fork pool (workers need no re-import)."""
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
         for job in jobs:
@@ -161,13 +168,14 @@ def decode_images(
     workers: int | None = None,
     progress: bool = True,
     desc: str = "decode",
+    channels: int = 3,
 ) -> np.ndarray:
-    """Decode many images into one uint8 (N, H, W, 3) array; all must end up the same size."""
+    """Decode many images into one uint8 (N, H, W, channels) array of one size."""
     n = len(paths)
     if n == 0:
         raise DataError("no images to decode: check the folder layout")
     workers = _default_workers(n) if workers is None else workers
-    jobs = [(str(p), resize, size) for p in paths]
+    jobs = [(str(p), resize, size, channels) for p in paths]
     out: np.ndarray | None = None
     with tqdm(
         total=n, desc=desc, unit=" img", disable=None if progress else True, leave=False
@@ -178,7 +186,7 @@ def decode_images(
             elif img.shape != out.shape[1:]:
                 raise DataError(
                     f"image {paths[i]} is {img.shape[1]}x{img.shape[0]} but {paths[0]} is "
-                    f"{out.shape[2]}x{out.shape[1]}: pass image_size (--image-size) to resize "
+                    f"{out.shape[2]}x{out.shape[1]}: set data.image_size (image_size=) to resize "
                     "and center-crop all images to one size"
                 )
             out[i] = img
@@ -195,8 +203,9 @@ def load_imagefolder(
     size: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    channels: int = 3,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Load one split: (uint8 (N, H, W, 3), int64 (N,), sorted class names). Uncached."""
+    """Load one split: (uint8 (N, H, W, channels), int64 (N,), sorted class names). Uncached."""
     split_dir = find_split_dir(resolve_root(root, progress=progress), split)
     paths, labels, classes = list_images(split_dir)
     images = decode_images(
@@ -206,5 +215,6 @@ def load_imagefolder(
         workers=workers,
         progress=progress,
         desc=f"decode {split_dir.parent.name}/{split_dir.name}",
+        channels=channels,
     )
     return images, np.asarray(labels, dtype=np.int64), classes

@@ -46,6 +46,19 @@ class DataConfig:
     )
     train_subset: int | None = opt(None, "use only this many training images (quick runs)")
     test_subset: int | None = opt(None, "evaluate on only this many test images (quick runs)")
+    channels: int | None = opt(None, "ImageFolder images: 1 (read as gray) or 3 (RGB); default 3")
+    augment_policy: str = opt(
+        "default",
+        "training augmentation: default (the dataset's; gray ImageFolders: crop), none, crop "
+        "(padded random crop) or crop_flip (+ horizontal flips)",
+    )
+    stats: str = opt(
+        "default",
+        "normalisation statistics: default (the dataset's; ImageNet's for RGB ImageFolders) or "
+        "measure (per-channel mean/std of the training images, used for every split)",
+    )
+    mean: list | None = opt(None, "per-channel mean in [0, 1] (overrides data.stats)")
+    std: list | None = opt(None, "per-channel std in [0, 1] (overrides data.stats)")
     val_split: int = opt(
         0,
         "hold out this many training images (stratified, the same for every seed) as a "
@@ -200,6 +213,13 @@ def _coerce(value, annotation, where: str):
             return None
         raise ConfigError(f"{where} must not be empty: give a value or remove the key")
     if isinstance(value, str):  # CLI strings and YAML quoted values
+        if list in allowed or dict in allowed:  # --set data.mean=[0.5]
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            if isinstance(parsed, list | dict) and type(parsed) in allowed:
+                return parsed
         for t in allowed:
             if t is bool and value.lower() in ("true", "false", "yes", "no", "1", "0"):
                 return value.lower() in ("true", "yes", "1")
@@ -282,6 +302,11 @@ def validate(config, prefix: str = "") -> None:
         "last_layer": lambda v: v in ("fp", "quantize"),
         "device": lambda v: v == "cpu" or v.startswith("cuda"),
         "affine_bn": lambda v: v in ("fold", "keep"),
+        "channels": lambda v: v in (1, 3),
+        "augment_policy": lambda v: v in ("default", "none", "crop", "crop_flip"),
+        "stats": lambda v: v in ("default", "measure"),
+        "mean": lambda v: len(v) in (1, 3) and all(isinstance(x, int | float) for x in v),
+        "std": lambda v: len(v) in (1, 3) and all(isinstance(x, int | float) and x > 0 for x in v),
         "val_split": lambda v: v >= 0,
     }
     hints = {
@@ -292,6 +317,11 @@ def validate(config, prefix: str = "") -> None:
         "method": "use tsq, otwa or adaround",
         "variant": "use tsquant or paper",
         "affine_bn": "use fold or keep",
+        "channels": "use 1 (gray) or 3 (RGB)",
+        "augment_policy": "use default, none, crop or crop_flip",
+        "stats": "use default or measure",
+        "mean": "give one number per channel, e.g. [0.5] or [0.49, 0.48, 0.45]",
+        "std": "give one positive number per channel, e.g. [0.25]",
         "val_split": "use 0 (none) or a number of training images to hold out",
     }
     for f in fields(config):

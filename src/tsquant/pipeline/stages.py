@@ -59,15 +59,40 @@ class Context:
                 root=d.root,
                 image_size=d.image_size,
                 download=d.download,
+                channels=d.channels,
             )
+            if d.augment_policy != "default":
+                ds.policy = d.augment_policy
             if split in ("train", "val") and d.val_split:
                 rest, held = ds.holdout(d.val_split)
                 ds = held if split == "val" else rest
             limit = {"train": d.train_subset, "test": d.test_subset}.get(split)
             if limit is not None and limit < len(ds):
                 ds = ds.subset(limit, seed=self.cfg.seed)
+            ds.mean, ds.std = self._statistics(ds, split)
             self._data[split] = ds
         return self._data[split]
+
+    def _statistics(self, ds, split: str) -> tuple:
+        """Normalisation of every split: given, or measured once on the training images."""
+        d = self.cfg.data
+        if d.mean is not None or d.std is not None:
+            if d.mean is None or d.std is None:
+                raise ConfigError("data.mean and data.std go together: give both or neither")
+            stats = tuple(float(v) for v in d.mean), tuple(float(v) for v in d.std)
+        elif split != "train":  # test and val are normalised like the training images
+            train = self.dataset("train")
+            stats = train.mean, train.std
+        elif d.stats == "measure":
+            stats = ds.measure_stats()
+        else:
+            stats = ds.stats()
+        if len(stats[0]) != ds.in_channels or len(stats[1]) != ds.in_channels:
+            raise ConfigError(
+                f"data.mean/std have {len(stats[0])}/{len(stats[1])} values but the images have "
+                f"{ds.in_channels} channel(s): give one value per channel"
+            )
+        return stats
 
     def val_loader(self) -> BatchLoader | None:
         if not self.cfg.data.val_split:
