@@ -6,6 +6,7 @@ Step 2 (transformation-function learning): :func:`solve_layer` for one layer and
 """
 
 from .quantizers import QuantizedConv2d, QuantizedLinear, SparseQuantizer, WeightGrid, ternarize
+from .serialization import load, save
 from .solver import LayerSolution, SolverConfig, solve_layer
 from .surgery import SurgeryError, analyse, prepare_step1
 from .transform import TransformConfig, transform
@@ -22,6 +23,8 @@ __all__ = [
     "TransformConfig",
     "WeightGrid",
     "analyse",
+    "load",
+    "save",
     "prepare_step1",
     "solve_layer",
     "ternarize",

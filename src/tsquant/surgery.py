@@ -282,6 +282,11 @@ def prepare_step1(
             _set_module(
                 prepared, layer.activation, SparseQuantizer.from_gaussian(bits=bits, eps=eps)
             )
+    # what tsquant.save records to rebuild this structure
+    options = {"bits": bits, "eps": eps, "keep_head_input_fp": keep_head_input_fp}
+    prepared.tsquant_step1 = {**options, "affine_bn": affine_bn}
+    if isinstance(prepared, torch.fx.GraphModule):  # its deepcopy keeps `meta`, not attributes
+        prepared.meta["tsquant_step1"] = prepared.tsquant_step1
     if check_export:
         from .export.graph import build_graph  # the export builds on surgery
 
