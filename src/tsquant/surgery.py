@@ -288,10 +288,18 @@ def prepare_step1(
     if isinstance(prepared, torch.fx.GraphModule):  # its deepcopy keeps `meta`, not attributes
         prepared.meta["tsquant_step1"] = prepared.tsquant_step1
     if check_export:
-        from .export.graph import build_graph  # the export builds on surgery
-
-        build_graph(prepared)
+        check_exportable(prepared, "pass check_export=False to quantize without the export")
     return prepared
+
+
+def check_exportable(model: nn.Module, otherwise: str) -> None:
+    """Raise SurgeryError, before any work, when the integer export could not write the model."""
+    from .export.graph import ExportError, build_graph  # the export builds on surgery
+
+    try:
+        build_graph(model)
+    except ExportError as exc:
+        raise SurgeryError(f"{exc} ({otherwise})") from None
 
 
 def swap_for_qat(

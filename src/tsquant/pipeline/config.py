@@ -152,6 +152,11 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class ExportConfig:
+    enabled: bool = opt(
+        True,
+        "write the integer export (checked before any training); false skips the export stage, "
+        "for models with operations the export lacks",
+    )
     onnx: bool = opt(True, "also write model.onnx (integer ConvInteger/MatMulInteger encoding)")
     verify_images: int | None = opt(
         None, "test images for the int/ONNX vs PyTorch check (default: all; 0 skips it)"

@@ -20,7 +20,13 @@ from .. import __version__, distributed
 from ..data import BatchLoader, load_dataset
 from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
-from ..surgery import analyse, prepare_step1, quantizable_layers, quantized_skeleton
+from ..surgery import (
+    analyse,
+    check_exportable,
+    prepare_step1,
+    quantizable_layers,
+    quantized_skeleton,
+)
 from ..training import clear_resume, evaluate, train
 from ..transform import TransformConfig, transform
 from .checkpoints import (
@@ -162,7 +168,13 @@ class Context:
             eps=c.eps,
             keep_head_input_fp=c.keep_head_input_fp,
             affine_bn=c.affine_bn,
+            check_export=False,  # once per run, in check_export_early
         )
+
+    def check_export_early(self) -> None:
+        """A model the export cannot write fails now, not after training and step 2."""
+        if self.cfg.export.enabled:
+            check_exportable(self.step1_model(), "or set export.enabled=false")
 
     def tsq_model(self) -> torch.nn.Module:
         meta = load_json(self.stage_dir("transform") / "meta.json")
@@ -268,7 +280,12 @@ def stage_codes(ctx: Context) -> None:
     fp = ctx.load("train", ctx.fp_model())
     c = ctx.cfg.codes
     model = prepare_step1(
-        fp, c.bits, c.eps, keep_head_input_fp=c.keep_head_input_fp, affine_bn=c.affine_bn
+        fp,
+        c.bits,
+        c.eps,
+        keep_head_input_fp=c.keep_head_input_fp,
+        affine_bn=c.affine_bn,
+        check_export=False,
     )
     ctx.finish("codes", model, _train_stage(ctx, "codes", model, c, "step1"))
 
@@ -372,6 +389,10 @@ def stage_export(ctx: Context) -> dict:
     from ..export.onnx_export import onnx_session, to_onnx
     from ..export.verify import verify
 
+    if not ctx.cfg.export.enabled:
+        print("[export] export.enabled is false: skipped", flush=True)
+        return {}
+    ctx.check_export_early()
     source = final_stage(ctx)
     model = ctx.load(source, ctx.tsq_model()).cpu().eval()
     test = ctx.dataset("test")
@@ -459,6 +480,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
 def run_all(cfg: RunConfig) -> None:
     """Run every stage that is not complete yet; an interrupted stage resumes."""
     ctx = Context(cfg)
+    ctx.check_export_early()
     for stage in STAGES:
         say = print if ctx.world.main else (lambda *a, **k: None)
         if stage in CHECKPOINTED and ctx.done(stage):
