@@ -55,14 +55,10 @@ def main() -> None:
     print(f"run {args.run_dir}: step-1 top-1 {evaluate(step1, test):.2f}%")
     print("| setting | mean agreement | top-1 (%) | step-2 time (s) |\n|---|---|---|---|")
     for text in rows:
-        solver = {**asdict(SolverConfig()), **parse_row(text)}
+        solver = {**asdict(SolverConfig()), **parse_row(text), "weight_bits": t.weight_bits}
         tcfg = TransformConfig(
             weight_bits=t.weight_bits,
             mode=args.mode or t.mode,
-            lam=solver["lam"],
-            iters=solver["iters"],
-            variant=solver["variant"],
-            start=solver["start"],
             positions_per_image=t.positions_per_image,
             seed=cfg.seed,
             verbose=False,

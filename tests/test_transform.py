@@ -253,3 +253,19 @@ def test_targets_from_one_pass_line_up_with_each_layers_inputs():
             codes = step1.get_submodule(layer.activation)(pre)
         # float sums in another order may flip a code sitting on a bin edge, not many
         assert (codes == targets[i].to_tensor()).float().mean() > 0.99
+
+
+def test_solver_settings_reach_the_solver_unchanged():
+    from tsquant.solver import SolverConfig
+
+    nested = TransformConfig(solver=SolverConfig(lam=5.0, iters=3))
+    assert (nested.solver.lam, nested.solver.iters) == (5.0, 3)
+    assert (nested.lam, nested.iters) == (5.0, 3)
+    top = TransformConfig(lam=2.0, variant="paper", weight_bits=2)
+    assert (top.solver.lam, top.solver.variant, top.solver.weight_bits) == (2.0, "paper", 2)
+    assert TransformConfig(lam=5.0, solver=SolverConfig(lam=5.0)).solver.lam == 5.0
+    with pytest.raises(ValueError, match="give it once"):
+        TransformConfig(lam=2.0, solver=SolverConfig(lam=5.0))
+    assert TransformConfig(solver=SolverConfig(weight_bits=2)).weight_bits == 2
+    with pytest.raises(ValueError, match="give it once"):
+        TransformConfig(weight_bits=3, solver=SolverConfig(weight_bits=2))

@@ -43,10 +43,12 @@ class TransformConfig:
     method: str = "tsq"
     adaround_iters: int = 10_000
     mode: str = "sequential"  # or "parallel": inputs are the step-1 codes
-    lam: float = 3.0
-    iters: int = 20
-    variant: str = "tsquant"  # or "paper"
-    start: str = "gptq"  # or "otwa": how the step-1 weights are rounded to start the solver
+    # shortcuts for the solver's options (None: the value in `solver`); giving one here and a
+    # different one in `solver` is an error, so no setting is silently dropped
+    lam: float | None = None
+    iters: int | None = None
+    variant: str | None = None  # "tsquant" or "paper"
+    start: str | None = None  # "gptq" or "otwa": how the step-1 weights are rounded
     positions_per_image: int = 64  # sampled output positions per image for conv layers
     cache_mb: int = 128  # per layer: decoded rows and bin bounds kept for the solver's passes
     # heap blocks this large or larger go to mmap (glibc; 0: leave the allocator alone): less
@@ -79,16 +81,28 @@ class TransformConfig:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         WeightGrid.from_spec(self.weight_bits)
-        self.solver = SolverConfig(
-            **{
-                **asdict(self.solver),
-                "weight_bits": self.weight_bits,
-                "lam": self.lam,
-                "iters": self.iters,
-                "variant": self.variant,
-                "start": self.start,
-            }
-        )
+        defaults = SolverConfig()
+        merged = asdict(self.solver)
+        grid, solver_grid = WeightGrid.from_spec(self.weight_bits), merged["weight_bits"]
+        if grid == WeightGrid.from_spec(defaults.weight_bits):
+            self.weight_bits = solver_grid  # set only in the solver (or nowhere)
+        elif WeightGrid.from_spec(solver_grid) not in (grid, WeightGrid.from_spec("ternary")):
+            raise ValueError(
+                f"TransformConfig.weight_bits={self.weight_bits!r} but "
+                f"solver.weight_bits={solver_grid!r}: give it once"
+            )
+        merged["weight_bits"] = self.weight_bits
+        for name in ("lam", "iters", "variant", "start"):
+            mine, theirs = getattr(self, name), merged[name]
+            if mine is not None and theirs != getattr(defaults, name) and theirs != mine:
+                raise ValueError(
+                    f"TransformConfig.{name}={mine!r} but solver.{name}={theirs!r}: give it once"
+                )
+            if mine is not None:
+                merged[name] = mine
+        self.solver = SolverConfig(**merged)
+        for name in ("lam", "iters", "variant", "start"):
+            setattr(self, name, merged[name])  # read back: one value per concept
 
 
 class _Stop(Exception):
