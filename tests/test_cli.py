@@ -134,5 +134,6 @@ def test_run_on_a_users_model_given_as_module_factory(tmp_path, tiny_run_args, m
         ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
         ("user_models_for_tsquant:missing", "has no callable 'missing'"),
     ):
-        assert main(["eval", *tiny_run_args, "--set", f"model.name={spec}"]) == 2
+        fresh = ["--set", "name=fresh", "--set", f"model.name={spec}"]
+        assert main(["run", *tiny_run_args, *fresh]) == 2
         assert fragment in capsys.readouterr().err

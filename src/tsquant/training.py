@@ -27,6 +27,21 @@ from .pipeline.checkpoints import (
     rng_to_tensors,
     save_tensors,
 )
+from .pipeline.provenance import describe_change
+
+EXPLODED = 100.0  # a loss above this and EXPLODED_FACTOR x the first batch's has diverged
+EXPLODED_FACTOR = 50.0
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights left the finite range; the stage stays incomplete."""
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def learning_rate(step: int, total: int, peak: float, schedule: str, warmup: float) -> float:
@@ -88,6 +103,7 @@ def train(
     device: str = "cpu",
     desc: str = "train",
     val_loader=None,
+    provenance: dict | None = None,
 ) -> list[dict]:
     """Train in place; resume from ``work_dir/resume.safetensors`` when present. Returns per-epoch
     logs (with ``val_top1`` after each epoch when a validation loader is given). Under torchrun
@@ -105,6 +121,7 @@ def train(
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     epoch, batch, logs = 0, 0, []
+    reference = None  # the stage's first batch loss: a loss far above it has exploded
     sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}  # this epoch's running figures
     resume_t = work_dir / "resume.safetensors"  # one file: tensors + progress, atomically
     meta = load_tensor_meta(resume_t) if resume_t.exists() else {}
@@ -112,22 +129,41 @@ def train(
         print(
             f"[{desc}] {resume_t} has no progress record (older tsquant): starting over", flush=True
         )
+    elif resume_t.exists() and "provenance" in meta and meta["provenance"] != provenance:
+        change = describe_change(
+            (meta.get("provenance") or {}).get("config", {}), (provenance or {}).get("config", {})
+        )
+        print(
+            f"[{desc}] the resume state was written under other settings or inputs"
+            f"{f' ({change})' if change else ''}: starting the stage over",
+            flush=True,
+        )
     elif resume_t.exists():
         tensors = load_tensors(resume_t)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
         rng_from_tensors(tensors)
         epoch, batch, logs = meta["epoch"], meta["batch"], meta["logs"]
+        reference = meta.get("loss_reference")
         sums = meta["sums"]
         print(f"[{desc}] resuming at epoch {epoch + 1} batch {batch}", flush=True)
 
     def checkpoint(epoch_now: int, batch_now: int, running: dict):
         if not main_rank:
             return
+        bad = _first_non_finite(model)
+        if bad is not None:  # never replace the last good state with a diverged one
+            raise TrainingDiverged(
+                f"[{desc}] training diverged before epoch {epoch_now + 1} batch {batch_now + 1} "
+                f"('{bad}' holds NaN/Inf): lower the stage's learning rate (it then starts over), "
+                "or run again as it is to resume from the last good checkpoint"
+            )
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors |= opt_tensors | rng_to_tensors()
         progress = {"epoch": epoch_now, "batch": batch_now, "logs": logs, "sums": running}
+        progress["provenance"] = provenance
+        progress["loss_reference"] = reference
         save_tensors(resume_t, tensors, {**progress, "optimizer": opt_meta})
 
     last_save = time.monotonic()
@@ -149,9 +185,15 @@ def train(
             x, y = x.to(device), y.to(device)
             out = net(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {float(loss)} at epoch {epoch + 1} batch {batch}: lower the learning rate"
+            value = float(loss.detach())
+            if reference is None:
+                reference = value
+            if not math.isfinite(value) or value > max(EXPLODED, EXPLODED_FACTOR * reference):
+                raise TrainingDiverged(
+                    f"[{desc}] training diverged at epoch {epoch + 1} batch {batch + 1} (loss "
+                    f"{value:.3g}, first batch {reference:.3g}): lower the stage's learning rate "
+                    "(it then starts over), or run again as it is to resume from the last good "
+                    "checkpoint"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,7 +201,7 @@ def train(
             batch += 1
             seen += y.numel()
             correct += int((out.argmax(1) == y).sum())
-            loss_sum += float(loss.detach()) * y.numel()
+            loss_sum += value * y.numel()
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.3g}"
             )

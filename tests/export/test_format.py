@@ -86,13 +86,63 @@ def test_bad_manifest_is_refused(exported_resnet, tmp_path, damage):
         load_export(folder)
 
 
+def _rewrite(folder, edit, rehash: bool):
+    from tsquant.export.format import _graph_digest
+
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    edit(manifest)
+    if rehash:  # as if the editor also recomputed the hash: the structural checks still hold
+        manifest["graph_sha256"] = _graph_digest(manifest)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
 def test_graph_referring_to_a_missing_tensor_is_refused(exported_resnet, tmp_path):
     folder = _copy(exported_resnet[1], tmp_path)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["graph"][1]["tensors"]["weight"] = "nowhere"
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    _rewrite(folder, lambda m: m["graph"][1]["tensors"].update(weight="nowhere"), rehash=True)
     with pytest.raises(ExportError, match="nowhere"):
         load_export(folder)
+
+
+def _first(manifest, op):
+    return next(node for node in manifest["graph"] if node["op"] == op)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: _first(m, "quantize")["attrs"].update(step=0.7),
+        lambda m: _first(m, "quantize")["attrs"].update(eps=0.1),
+        lambda m: _first(m, "qconv")["attrs"].update(padding=[0, 0]),
+        lambda m: _first(m, "qconv")["attrs"].update(low=-3, high=3, spacing=2),
+        lambda m: m.update(input_shape=[3, 32, 32]),
+    ],
+    ids=["quantizer step", "eps", "padding", "weight grid", "input shape"],
+)
+def test_edited_manifest_is_refused(exported_resnet, tmp_path, edit):
+    folder = _copy(exported_resnet[1], tmp_path)
+    _rewrite(folder, edit, rehash=False)
+    with pytest.raises(ExportError, match="edited after export") as info:
+        load_export(folder)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.pop("graph"),
+        lambda m: m.update(graph=5),
+        lambda m: m["graph"][1].pop("attrs"),
+        lambda m: m.update(tensors=[]),
+        lambda m: _first(m, "qconv")["attrs"].update(codes_shape="x"),
+    ],
+    ids=["no graph", "graph not a list", "node without attrs", "tensors a list", "bad shape"],
+)
+def test_malformed_manifest_is_one_line(exported_resnet, tmp_path, edit):
+    folder = _copy(exported_resnet[1], tmp_path)
+    _rewrite(folder, edit, rehash=True)
+    with pytest.raises(ExportError) as info:
+        load_export(folder)
+    assert "\n" not in str(info.value) and "re-export" in str(info.value)
 
 
 class WithSigmoid(nn.Module):

@@ -33,7 +33,7 @@ def test_overrides_are_typed(tmp_path):
         ("transform:\n  weight_bits: 'ternery'\n", "unknown weight format"),
         ("train:\n  epochs: many\n", "train.epochs must be int"),
         ("transform:\n  mode: sideways\n", "use sequential or parallel"),
-        ("- a\n- b\n", "must be a mapping"),
+        ("- a\n- b\n", "not sections of options"),
         ("a: [\n", "not valid YAML"),
     ],
 )

@@ -163,6 +163,18 @@ class ArrayDataset:
         x, y = self.gather(ix)
         return replace(self, images=x.numpy(), labels=y.numpy(), _stats=self._stats)
 
+    def fingerprint(self) -> str:
+        """sha256 of the split's identity: shape, classes, labels, normalisation and up to 256
+        evenly spaced images (cheap on a memory-mapped cache, changes with the data)."""
+        digest = hashlib.sha256()
+        digest.update(repr((tuple(self.images.shape), self.classes, self.stats())).encode())
+        digest.update(np.ascontiguousarray(np.asarray(self.labels)).tobytes())
+        n = len(self)
+        if n:
+            ix = torch.linspace(0, n - 1, min(n, 256)).round().long()
+            digest.update(self.gather(ix)[0].numpy().tobytes())
+        return digest.hexdigest()
+
     def holdout(self, n: int) -> tuple[ArrayDataset, ArrayDataset]:
         """(rest, held_out): n samples held out, stratified by class, the same for every seed.
 

@@ -5,6 +5,7 @@ checks the tensor file against the manifest's sha256, so a tampered or truncated
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .graph import ExportError, build_graph, check_graph, quantized_nodes
 from .packing import PackingError, grid_bits, pack_codes, unpack_codes
 
 FORMAT = "tsquant-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph_sha256 covers the graph and the tensor specs
 TENSOR_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
@@ -69,8 +70,16 @@ def export_model(
         "tensor_sha256": sha256_of(out_dir / TENSOR_FILE),
         **(info or {}),
     }
+    manifest["graph_sha256"] = _graph_digest(manifest)
     save_json(out_dir / MANIFEST_FILE, manifest)
     return ExportedModel(manifest, nodes, tensors)
+
+
+def _graph_digest(manifest: dict) -> str:
+    """sha256 of what the tensors do not hold: the graph (quantizer steps and eps, padding,
+    weight grids, ...), the input shape and the tensor specs."""
+    covered = {k: manifest.get(k) for k in ("graph", "input_shape", "tensors", "tensor_file")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
 
 
 def _manifest_path(path: Path) -> Path:
@@ -98,6 +107,22 @@ def load_export(path: Path) -> ExportedModel:
             f"{manifest_path} has format version {manifest.get('format_version')}, this tsquant "
             f"reads {FORMAT_VERSION}: export again with this version"
         )
+    if manifest.get("graph_sha256") != _graph_digest(manifest):
+        raise ExportError(
+            f"{manifest_path} was edited after export (its graph, input shape or tensor list no "
+            "longer match its graph_sha256): re-export the model"
+        )
+    try:
+        return _load_checked(manifest_path, manifest)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(
+            f"{manifest_path} is malformed ({type(exc).__name__}: {exc}): re-export the model"
+        ) from None
+
+
+def _load_checked(manifest_path: Path, manifest: dict) -> ExportedModel:
     tensor_path = manifest_path.parent / manifest.get("tensor_file", TENSOR_FILE)
     if not tensor_path.is_file():
         raise ExportError(f"{tensor_path} is missing: copy it beside {manifest_path.name}")

@@ -208,7 +208,14 @@ def check_graph(nodes: list[dict], tensors: dict[str, torch.Tensor]) -> None:
     defined: set[str] = set()
     if not nodes or nodes[0]["op"] != "input" or nodes[-1]["op"] != "output":
         raise ExportError("the graph must start with an input node and end with an output node")
+    fields = {"name": str, "op": str, "inputs": list, "attrs": dict, "tensors": dict}
     for node in nodes:
+        if not isinstance(node, dict) or any(
+            not isinstance(node.get(k), t) for k, t in fields.items()
+        ):
+            raise ExportError(
+                f"graph node {str(node)[:60]} lacks one of {list(fields)}: re-export the model"
+            )
         if node.get("op") not in OPS:
             raise ExportError(f"unknown op {node.get('op')!r} in node {node.get('name')!r}")
         missing = [i for i in node["inputs"] if i not in defined]

@@ -69,16 +69,26 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (or, by suffix, a PyTorch state dict read safely)."""
+def load_tensors(path: Path, user_file: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (or, by suffix, a PyTorch state dict read safely).
+
+    ``user_file``: the file is the user's (init_checkpoint), not one tsquant wrote, and the
+    advice on failure says so."""
     path = Path(path)
     if not path.is_file():
+        if user_file:
+            raise CheckpointError(f"init_checkpoint {path} not found: check the path")
         raise CheckpointError(f"checkpoint {path} not found: run the stage that writes it first")
     if path.suffix in TORCH_SUFFIXES:
         return _load_torch_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if user_file:
+            raise CheckpointError(
+                f"init_checkpoint {path} is damaged or not a safetensors file ({exc}): save your "
+                "weights again (safetensors, or torch.save(model.state_dict()) to a .pt file)"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} is damaged or not a safetensors file ({exc}): delete it and re-run the stage"
         ) from None
@@ -106,6 +116,10 @@ def save_json(path: Path, data: dict) -> None:
 def load_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} not found: run the stage that writes it first (`tsquant run`)"
+        ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"metadata {path} is unreadable ({exc}): delete the stage folder and re-run it"
@@ -120,9 +134,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> None:
+def load_model_weights(
+    model: torch.nn.Module, path: Path, strict: bool = True, user_file: bool = False
+) -> None:
     """Load a safetensors state dict, naming the mismatch when it is another architecture."""
-    state = load_tensors(path)
+    state = load_tensors(path, user_file=user_file)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

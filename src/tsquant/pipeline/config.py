@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -108,7 +109,9 @@ class CodesConfig(TrainConfig):
 
 @dataclass
 class TransformStageConfig:
-    weight_bits: str = opt("ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k")
+    weight_bits: str | int = opt(
+        "ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k"
+    )
     method: str = opt(
         "tsq",
         "tsq (step-2 solver), otwa (quantize the step-1 weights directly: baseline) or adaround "
@@ -263,7 +266,14 @@ def from_dict(cls, data: dict, prefix: str = ""):
         f = valid[key]
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if is_dataclass(default):
-            merged = {**asdict(default), **(value or {})}
+            if value is not None and not isinstance(value, dict):
+                example = next(iter(asdict(default)))
+                raise ConfigError(
+                    f"config key '{where}' is a section of options, got {value!r}: write it as "
+                    f"'{where}:' with indented keys below (e.g. {where}.{example}), or use "
+                    f"--set {where}.{example}=VALUE"
+                )
+            merged = {**asdict(default), **(value or {})}  # `data:` left empty: the defaults
             kwargs[key] = from_dict(type(default), merged, prefix=f"{where}.")
         else:
             kwargs[key] = _coerce(value, f.type, where)
@@ -305,8 +315,20 @@ def validate(config, prefix: str = "") -> None:
         "schedule": lambda v: v in ("onecycle", "cosine", "constant"),
         "first_layer": lambda v: v in ("fp", "quantize"),
         "last_layer": lambda v: v in ("fp", "quantize"),
-        "device": lambda v: v == "cpu" or v.startswith("cuda"),
+        "device": _device_ok,
         "affine_bn": lambda v: v in ("fold", "keep"),
+        "eval_batch_size": lambda v: v >= 1,
+        "threads": lambda v: v >= 1,
+        "seed": lambda v: 0 <= v < 2**63,
+        "momentum": lambda v: math.isfinite(v) and 0 <= v < 1,
+        "label_smoothing": lambda v: math.isfinite(v) and 0 <= v < 1,
+        "weight_decay": lambda v: math.isfinite(v) and v >= 0,
+        "warmup": lambda v: math.isfinite(v) and 0 <= v < 1,
+        "checkpoint_seconds": lambda v: math.isfinite(v) and v >= 0,
+        "train_subset": lambda v: v >= 1,
+        "test_subset": lambda v: v >= 1,
+        "image_size": lambda v: v >= 1,
+        "name": lambda v: isinstance(v, str) and bool(v.strip()),
         "channels": lambda v: v in (1, 3),
         "augment_policy": lambda v: v in ("default", "none", "crop", "crop_flip"),
         "stats": lambda v: v in ("default", "measure"),
@@ -322,6 +344,19 @@ def validate(config, prefix: str = "") -> None:
         "method": "use tsq, otwa or adaround",
         "variant": "use tsquant or paper",
         "affine_bn": "use fold or keep",
+        "eval_batch_size": "use a batch size >= 1",
+        "threads": "use a number of threads >= 1, or leave it unset",
+        "seed": "use an integer in 0..2**63-1",
+        "momentum": "use 0 <= momentum < 1, e.g. 0.9",
+        "label_smoothing": "use 0 <= label_smoothing < 1, e.g. 0.1",
+        "weight_decay": "use weight_decay >= 0, e.g. 5e-4",
+        "warmup": "use a fraction 0 <= warmup < 1 of the steps, e.g. 0.15",
+        "checkpoint_seconds": "use a number of seconds >= 0 (0: after every batch)",
+        "train_subset": "use a number of images >= 1, or leave it unset",
+        "test_subset": "use a number of images >= 1, or leave it unset",
+        "image_size": "use a size in pixels >= 1",
+        "device": "use cpu, or cuda / cuda:N on a machine whose PyTorch sees a GPU",
+        "name": "give a non-empty name",
         "channels": "use 1 (gray) or 3 (RGB)",
         "augment_policy": "use default, none, crop or crop_flip",
         "stats": "use default or measure",
@@ -342,6 +377,8 @@ def validate(config, prefix: str = "") -> None:
             value = getattr(config, attr)
             if value not in valid:
                 raise ConfigError(f"unknown {prefix}{attr} '{value}'{_suggest(value, valid)}")
+    if isinstance(config, RunConfig):
+        _validate_run(config)
     if hasattr(config, "weight_bits"):
         from ..quantizers.weight import WeightGrid
 
@@ -349,6 +386,73 @@ def validate(config, prefix: str = "") -> None:
             WeightGrid.from_spec(config.weight_bits)
         except ValueError as exc:
             raise ConfigError(f"{prefix}weight_bits: {exc}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"key '{key}' appears twice in one section (line {key_node.start_mark.line + 1}): "
+                    "keep one of them"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _device_ok(value: str) -> bool:
+    import re
+
+    import torch
+
+    if value == "cpu":
+        return True
+    match = re.fullmatch(r"cuda(?::(\d+))?", value)
+    if not match or not torch.cuda.is_available():
+        return False
+    return match.group(1) is None or int(match.group(1)) < torch.cuda.device_count()
+
+
+_RUN_NAME = "letters, digits, '.', '_' and '-' (it becomes one folder under out_dir)"
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    """Checks across fields and of the run's folder, before any work."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", ".."):
+        raise ConfigError(f"name={cfg.name!r} is not a folder name: use {_RUN_NAME}")
+    d = cfg.data
+    for section in ("train", "codes", "finetune"):
+        epochs = getattr(cfg, section).epochs
+        if d.train_subset is not None and epochs and d.train_subset < d.batch_size:
+            raise ConfigError(
+                f"data.train_subset={d.train_subset} is smaller than one batch "
+                f"(data.batch_size={d.batch_size}), so {section} would take no step: raise "
+                "data.train_subset or lower data.batch_size"
+            )
+    if cfg.init_checkpoint is not None and not Path(cfg.init_checkpoint).is_file():
+        raise ConfigError(f"init_checkpoint {cfg.init_checkpoint} not found: check the path")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean and data.std go together: give both or neither")
+    out = Path(cfg.out_dir)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"out_dir={cfg.out_dir!r}: {folder} is a file, not a folder: choose another "
+                    "out_dir"
+                )
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"out_dir={cfg.out_dir!r}: {folder} is not writable: choose an out_dir you "
+                    "can write to"
+                )
+            break
 
 
 def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> RunConfig:
@@ -361,16 +465,24 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
                 f"config file {path} not found: give the path of a YAML file (see configs/)"
             )
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
+            data = {} if data is None else data
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
             ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} holds a {type(data).__name__}, not sections of options: "
+            "see configs/ for the layout"
+        )
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if node is None:
+                node = data[p] = {}
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {dotted}: {p} is not a section")
         node[leaf] = value

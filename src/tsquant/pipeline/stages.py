@@ -7,12 +7,16 @@ presence means the stage is complete). ``run_all`` runs the stages that are not 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import json
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -37,7 +41,9 @@ from .checkpoints import (
     save_tensors,
     sha256_of,
 )
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, from_dict
+from .lock import RunLock
+from .provenance import UPSTREAM, describe_change, stage_config
 
 STAGES = ("train", "codes", "transform", "finetune", "eval", "export", "report")
 CHECKPOINTED = ("train", "codes", "transform", "finetune")  # stages whose result is a model
@@ -76,8 +82,34 @@ class Context:
             if limit is not None and limit < len(ds):
                 ds = ds.subset(limit, seed=self.cfg.seed)
             ds.mean, ds.std = self._statistics(ds, split)
+            if split == "test":
+                ds = self._labels_as_in_training(ds)
             self._data[split] = ds
         return self._data[split]
+
+    def _labels_as_in_training(self, test):
+        """Test labels index the training split's classes, matched by name: an ImageFolder
+        split that lacks a class would otherwise shift every label after it."""
+        classes = self.dataset("train").classes
+        if test.classes == classes:
+            return test
+        unknown = [c for c in test.classes if c not in classes]
+        if unknown:
+            raise ConfigError(
+                f"the test split has class(es) {unknown[:3]} that the training split lacks: "
+                "give both splits the same class folders"
+            )
+        missing = [c for c in classes if c not in test.classes]
+        print(
+            f"[data] the test split has no images of {missing[:3]}"
+            f"{' and more' if len(missing) > 3 else ''}: its labels are matched to the "
+            "training split's classes by name",
+            flush=True,
+        )
+        index = np.asarray([classes.index(c) for c in test.classes], dtype=np.int64)
+        return dataclasses.replace(
+            test, labels=index[np.asarray(test.labels)], classes=list(classes)
+        )
 
     def _statistics(self, ds, split: str) -> tuple:
         """Normalisation of every split: given, or measured once on the training images."""
@@ -177,6 +209,11 @@ class Context:
             check_exportable(self.step1_model(), "or set export.enabled=false")
 
     def tsq_model(self) -> torch.nn.Module:
+        if not self.done("transform"):
+            raise CheckpointError(
+                f"stage 'transform' has not finished in {self.run_dir}: run `tsquant transform` "
+                "(or `tsquant run`) first"
+            )
         meta = load_json(self.stage_dir("transform") / "meta.json")
         return quantized_skeleton(self.step1_model(), meta["quantized_layers"], meta["weight_bits"])
 
@@ -215,19 +252,90 @@ class Context:
                 f"stage '{stage}' has not finished in {self.run_dir}: "
                 f"run `tsquant {stage}` (or `tsquant run`) first"
             )
+        recorded = load_json(self.stage_dir(stage) / "meta.json").get("model_sha256")
+        if recorded is not None and sha256_of(path) != recorded:
+            raise CheckpointError(
+                f"{path} does not match the sha256 its meta.json records (modified or damaged): "
+                f"run `tsquant {stage}` to rebuild it"
+            )
         load_model_weights(model, path)
         return model.to(self.device)
+
+    def provenance(self, stage: str) -> dict:
+        """What the stage's result depends on: its options and the hashes of its inputs."""
+        inputs = {}
+        upstream = UPSTREAM[stage]
+        if upstream is not None:
+            inputs["upstream"] = load_json(self.stage_dir(upstream) / "meta.json")["model_sha256"]
+        if stage == "train" and self.cfg.init_checkpoint:
+            inputs["init_checkpoint"] = sha256_of(Path(self.cfg.init_checkpoint))
+        else:
+            inputs["train_data"] = self.dataset("train").fingerprint()
+        record = {"config": stage_config(self.cfg, stage), "inputs": inputs}
+        return json.loads(json.dumps(record))  # as meta.json will hold it
+
+    def stale_reason(self, stage: str) -> str | None:
+        """Why a finished stage no longer holds this run's result (None: it does)."""
+        meta = load_json(self.stage_dir(stage) / "meta.json")
+        recorded = meta.get("provenance")
+        if recorded is None:
+            return "it records no provenance (made by an earlier tsquant)"
+        if sha256_of(self.stage_dir(stage) / "model.safetensors") != meta.get("model_sha256"):
+            return "its checkpoint does not match the sha256 in its meta.json"
+        upstream = UPSTREAM[stage]
+        if upstream is not None and not self.done(upstream):
+            return f"the {upstream} stage it was built from is gone"
+        now = self.provenance(stage)
+        if now["config"] != recorded["config"]:
+            return f"settings changed ({describe_change(recorded['config'], now['config'])})"
+        labels = {
+            "upstream": f"the {upstream} stage it was built from has changed",
+            "init_checkpoint": "init_checkpoint's contents changed",
+            "train_data": "the training data changed",
+        }
+        for key, label in labels.items():
+            if now["inputs"].get(key) != recorded["inputs"].get(key):
+                return label
+        return None
+
+    def as_recorded(self, stage: str) -> Context:
+        """This context with the model, step-1 and step-2 options the stage was made with."""
+        made_with = load_json(self.stage_dir(stage) / "meta.json")["config"]
+        sections = {
+            name: from_dict(type(getattr(self.cfg, name)), made_with[name], prefix=f"{name}.")
+            for name in ("model", "codes", "transform")
+        }
+        other = copy.copy(self)
+        other.cfg = dataclasses.replace(self.cfg, **sections)
+        return other
+
+    def broken_chain(self, stage: str) -> str | None:
+        """Why a finished stage was not built from the checkpoints now upstream of it."""
+        while UPSTREAM.get(stage) is not None:
+            upstream = UPSTREAM[stage]
+            recorded = load_json(self.stage_dir(stage) / "meta.json").get("provenance")
+            if recorded is None:
+                return f"{stage} records no provenance (made by an earlier tsquant)"
+            if not self.done(upstream):
+                return f"the {upstream} stage {stage} was built from is gone"
+            current = load_json(self.stage_dir(upstream) / "meta.json")["model_sha256"]
+            if recorded["inputs"].get("upstream") != current:
+                return f"{stage} was built from an earlier {upstream} result"
+            stage = upstream
+        return None
 
     def finish(self, stage: str, model: torch.nn.Module, meta: dict) -> None:
         """Write the stage's model and meta.json (rank 0 only under torchrun)."""
         if not self.world.main:
             return
         out = self.stage_dir(stage)
+        provenance = self.provenance(stage)
         save_tensors(out / "model.safetensors", model.state_dict(), {"stage": stage})
         meta = {
             "stage": stage,
             "tsquant": __version__,
             "config": asdict(self.cfg),
+            "provenance": provenance,
             "model_sha256": sha256_of(out / "model.safetensors"),
             **meta,
         }
@@ -247,6 +355,7 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
         ctx.device,
         desc=desc,
         val_loader=ctx.val_loader(),
+        provenance=ctx.provenance(stage),
     )
     top1 = None
     if ctx.world.main:
@@ -261,7 +370,7 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
 def stage_train(ctx: Context) -> None:
     model = ctx.fp_model().to(ctx.device)
     if ctx.cfg.init_checkpoint:
-        load_model_weights(model, Path(ctx.cfg.init_checkpoint))
+        load_model_weights(model, Path(ctx.cfg.init_checkpoint), user_file=True)
         top1 = None
         if ctx.world.main:
             top1 = evaluate(model, ctx.test_loader(), ctx.device, "fp eval")
@@ -330,16 +439,22 @@ def stage_eval(ctx: Context) -> list[dict]:
     test = ctx.test_loader()
     ds = ctx.dataset("test")
     candidates = [
-        ("fp", "train", ctx.fp_model),
-        ("step1", "codes", ctx.step1_model),
-        ("tsq", "transform", ctx.tsq_model),
-        ("tsq_ft", "finetune", ctx.tsq_model),
+        ("fp", "train", Context.fp_model),
+        ("step1", "codes", Context.step1_model),
+        ("tsq", "transform", Context.tsq_model),
+        ("tsq_ft", "finetune", Context.tsq_model),
     ]
-    for method, stage, builder in candidates:
+    for method, stage, build in candidates:
         if not ctx.done(stage) or load_json(ctx.stage_dir(stage) / "meta.json").get("skipped"):
             continue
+        broken = ctx.broken_chain(stage)
+        if broken:
+            print(f"[eval] {method} left out: {broken}; `tsquant run` rebuilds it", flush=True)
+            continue
+        made_with = load_json(ctx.stage_dir(stage) / "meta.json")["config"]  # not today's config
         start = time.time()
-        top1 = evaluate(ctx.load(stage, builder()), test, ctx.device, f"eval {method}")
+        model = build(ctx.as_recorded(stage))
+        top1 = evaluate(ctx.load(stage, model), test, ctx.device, f"eval {method}")
         rows.append(
             {
                 "method": method,
@@ -347,11 +462,13 @@ def stage_eval(ctx: Context) -> list[dict]:
                 "top1": top1,
                 "test_images": len(ds),
                 "dataset": ds.title or ds.name,
-                "model": ctx.cfg.model.name,
-                "w_bits": "fp" if method in ("fp", "step1") else ctx.cfg.transform.weight_bits,
-                "a_bits": "fp" if method == "fp" else ctx.cfg.codes.bits,
-                "eps": ctx.cfg.codes.eps,
-                "seed": ctx.cfg.seed,
+                "model": made_with["model"]["name"],
+                "w_bits": "fp"
+                if method in ("fp", "step1")
+                else made_with["transform"]["weight_bits"],
+                "a_bits": "fp" if method == "fp" else made_with["codes"]["bits"],
+                "eps": made_with["codes"]["eps"] if method != "fp" else None,
+                "seed": made_with["seed"],
                 "eval_s": time.time() - start,
             }
         )
@@ -467,26 +584,42 @@ def _run_one(ctx: Context, stage: str) -> None:
     distributed.barrier()  # one per stage on every rank: rank 0 has written its results
 
 
+def _locked(ctx: Context):
+    """The run folder's lock on rank 0 (the other ranks follow rank 0's stages)."""
+    return RunLock(ctx.run_dir) if ctx.world.main else contextlib.nullcontext()
+
+
 def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
     ctx = Context(cfg)
-    if force and stage in CHECKPOINTED and ctx.done(stage):
-        distributed.barrier()  # every rank has seen the old checkpoint before it goes
-        if ctx.world.main:
-            shutil.rmtree(ctx.stage_dir(stage))  # re-run alone: start clean (resume files too)
-        distributed.barrier()
-    _run_one(ctx, stage)
+    if stage == "codes":
+        ctx.check_export_early()
+    with _locked(ctx):
+        if force and stage in CHECKPOINTED and ctx.done(stage):
+            distributed.barrier()  # every rank has seen the old checkpoint before it goes
+            if ctx.world.main:
+                shutil.rmtree(ctx.stage_dir(stage))  # re-run alone: start clean (resume too)
+            distributed.barrier()
+        _run_one(ctx, stage)
 
 
 def run_all(cfg: RunConfig) -> None:
     """Run every stage that is not complete yet; an interrupted stage resumes."""
     ctx = Context(cfg)
     ctx.check_export_early()
-    for stage in STAGES:
-        say = print if ctx.world.main else (lambda *a, **k: None)
-        if stage in CHECKPOINTED and ctx.done(stage):
-            say(f"[run] {stage}: done, skipped", flush=True)
-            continue
-        say(f"[run] {stage}", flush=True)
-        _run_one(ctx, stage)
-        if ctx.world.main:  # after a stage, so a run that fails at once leaves no folder behind
-            save_json(ctx.run_dir / "config.json", asdict(cfg))
+    with _locked(ctx):
+        for stage in STAGES:
+            say = print if ctx.world.main else (lambda *a, **k: None)
+            if stage in CHECKPOINTED and ctx.done(stage):
+                reason = ctx.stale_reason(stage)
+                if reason is None:
+                    say(f"[run] {stage}: done, skipped", flush=True)
+                    continue
+                say(f"[run] {stage}: {reason}: running it again", flush=True)
+                distributed.barrier()
+                if ctx.world.main:
+                    shutil.rmtree(ctx.stage_dir(stage))
+                distributed.barrier()
+            say(f"[run] {stage}", flush=True)
+            _run_one(ctx, stage)
+            if ctx.world.main:  # after a stage: a run that fails at once leaves no folder
+                save_json(ctx.run_dir / "config.json", asdict(cfg))

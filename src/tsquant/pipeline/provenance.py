@@ -1,0 +1,67 @@
+"""What each stage's result depends on, so a finished stage whose inputs changed is re-run.
+
+A checkpointed stage records in its meta.json the options it was made with (the config keys
+below) and the hashes of its inputs: the previous stage's checkpoint, the user's
+init_checkpoint, the training data's fingerprint. ``tsquant run`` compares them with the current
+run before skipping a stage; a training resume state carries them too, so a resumed run cannot
+continue under other settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from .config import RunConfig
+
+# data options that change what a training stage sees (not eval-only or runtime ones)
+_DATA = [
+    "data.dataset",
+    "data.image_size",
+    "data.channels",
+    "data.stats",
+    "data.mean",
+    "data.std",
+    "data.augment_policy",
+    "data.val_split",
+    "data.train_subset",
+    "data.batch_size",
+]
+_RUNTIME = {"checkpoint_seconds", "cache_mb", "mmap_threshold_mb"}  # speed/memory, not results
+
+UPSTREAM = {"train": None, "codes": "train", "transform": "codes", "finetune": "transform"}
+SECTIONS = {"train": "train", "codes": "codes", "transform": "transform", "finetune": "finetune"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stage_config(cfg: RunConfig, stage: str) -> dict:
+    """The options (dotted keys) the stage's result depends on, with their values."""
+    flat = _flatten(asdict(cfg))
+    keys = ["seed", "model.name", "model.kwargs"]
+    if stage == "train" and cfg.init_checkpoint:
+        keys.append("init_checkpoint")  # loaded, not trained: the data plays no part
+    else:
+        keys += _DATA + [
+            k
+            for k in flat
+            if k.startswith(SECTIONS[stage] + ".") and k.split(".")[-1] not in _RUNTIME
+        ]
+    if stage in ("transform", "finetune"):  # the step-1 design is part of what they reproduce
+        keys += [k for k in flat if k.startswith("codes.") and k.split(".")[-1] in ("bits", "eps")]
+    return {k: flat[k] for k in keys}
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """'codes.eps 0.32 -> 0.5, train.lr 0.1 -> 0.2' (at most three)."""
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:3]]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ", ".join(parts) + more
