@@ -19,9 +19,9 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = imf.decode_image
 
-    def counting(path, resize=None, size=None):
+    def counting(path, resize=None, size=None, channels=3):
         calls.append(str(path))
-        return real(path, resize, size)
+        return real(path, resize, size, channels)
 
     monkeypatch.setattr(imf, "decode_image", counting)
     return calls

@@ -31,7 +31,7 @@ def test_same_size_without_resize(imagefolder_root: Path) -> None:
 
 def test_mixed_sizes_need_image_size(tmp_path: Path, helpers) -> None:
     root = helpers.write_imagefolder(tmp_path / "f", sizes=lambda k: (10 + k, 10))
-    with pytest.raises(DataError, match=r"pass image_size"):
+    with pytest.raises(DataError, match=r"set data.image_size"):
         load_imagefolder(root, "train", progress=False)
     x, _, _ = load_imagefolder(root, "train", resize=9, size=8, progress=False)
     assert x.shape == (6, 8, 8, 3)

@@ -220,3 +220,38 @@ def test_test_split_classes_are_matched_to_the_training_classes(tmp_path, monkey
     ctx = Context(load_config(None, {"data.dataset": "imagefolder", "data.root": str(extra)}))
     with pytest.raises(ConfigError, match=r"class\(es\) \['dog'\] that the training split lacks"):
         ctx.dataset("test")
+
+
+def _damaged_checkpoint(tmp_path):
+    (tmp_path / "fp.safetensors").write_bytes(b"\x00" * 64)
+    return ["run", "--set", f"init_checkpoint={tmp_path / 'fp.safetensors'}"]
+
+
+def _mixed_size_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for i, size in enumerate((8, 9)):
+            folder = tmp_path / "mixed" / split / f"c{i}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (size, size)).save(folder / "a.png")
+    return ["run", "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path / 'mixed'}"]
+
+
+ADVICE_CASES = {  # what the user did -> advice that fits who owns the file
+    "damaged init_checkpoint": (_damaged_checkpoint, "save your weights again"),
+    "mixed-size ImageFolder": (_mixed_size_folder, "set data.image_size"),
+    "export before transform": (lambda tmp: ["export"], "run `tsquant transform`"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADVICE_CASES))
+def test_advice_fits_the_file_and_the_step(case, tmp_path, tiny_fmnist, monkeypatch, capsys):
+    monkeypatch.setenv("TSQUANT_CACHE", str(tmp_path / "cache"))
+    make, fragment = ADVICE_CASES[case]
+    out_dir = tmp_path / "runs"
+    args = make(tmp_path) + ["--set", f"out_dir={out_dir}"]
+    if "data.dataset=imagefolder" not in args:
+        args += ["--set", f"data.root={tiny_fmnist}"]
+    code, _, err = run_cli(args, capsys)
+    assert_clean_failure(code, err, fragment, out_dir)

@@ -138,6 +138,15 @@ class Context:
         return BatchLoader(self.dataset("val"), self.cfg.data.eval_batch_size)
 
     def train_loader(self, cfg_train) -> BatchLoader:
+        loader = self._train_loader(cfg_train)
+        if len(loader) == 0:
+            raise ConfigError(
+                f"the training split has {len(self.dataset('train'))} images, fewer than one "
+                f"batch (data.batch_size={self.cfg.data.batch_size}): lower data.batch_size"
+            )
+        return loader
+
+    def _train_loader(self, cfg_train) -> BatchLoader:
         return BatchLoader(
             self.dataset("train"),
             distributed.shard_batch_size(self.cfg.data.batch_size),
