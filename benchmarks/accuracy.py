@@ -32,7 +32,7 @@ from tsquant import __version__, zoo
 from tsquant.baselines import prepare_lsq
 from tsquant.cli import _overrides
 from tsquant.export.verify import quantizer_codes
-from tsquant.pipeline.checkpoints import load_json, save_json, sha256_of, write_text_atomic
+from tsquant.fileio import load_json, save_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import RunConfig, load_config
 from tsquant.pipeline.stages import RUNNERS, Context
 from tsquant.training import evaluate, train

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tsquant.cli import _overrides
-from tsquant.pipeline.checkpoints import load_json, sha256_of, write_text_atomic
+from tsquant.fileio import load_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context, final_stage, stage_export
 

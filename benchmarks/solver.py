@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tsquant.pipeline.checkpoints import load_model_weights, write_text_atomic
+from tsquant.fileio import load_model_weights, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context
 from tsquant.solver import gram

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from tsquant.pipeline.checkpoints import load_json
+from tsquant.fileio import load_json
 from tsquant.pipeline.config import RunConfig, from_dict
 from tsquant.pipeline.stages import Context
 from tsquant.solver import SolverConfig

@@ -21,7 +21,7 @@ from torch import nn
 from tsquant import distributed
 from tsquant.data import BatchLoader
 from tsquant.data.datasets import ArrayDataset
-from tsquant.pipeline.checkpoints import load_tensors, save_tensors
+from tsquant.fileio import load_tensors, save_tensors
 from tsquant.pipeline.config import TrainConfig
 from tsquant.training import train
 

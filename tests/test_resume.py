@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from tsquant.pipeline.checkpoints import load_json, load_tensor_meta, load_tensors
+from tsquant.fileio import load_json, load_tensor_meta, load_tensors
 
 STAGES_WITH_MODELS = ("train", "codes", "transform", "finetune")
 

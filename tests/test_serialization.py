@@ -9,8 +9,8 @@ from torch import nn
 
 import tsquant
 from tsquant import TransformConfig
+from tsquant.fileio import CheckpointError
 from tsquant.models import build_model
-from tsquant.pipeline.checkpoints import CheckpointError
 
 
 class UserNet(nn.Module):

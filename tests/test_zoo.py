@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from tsquant.fileio import load_model_weights
 from tsquant.models import build_model
-from tsquant.pipeline.checkpoints import load_model_weights
 from tsquant.zoo import ZOO_DIR, add, read_manifest, verify
 
 SHAPES = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
@@ -29,7 +29,7 @@ def test_zoo_checkpoint_loads_into_its_model(name):
 
 
 def test_verify_detects_a_changed_file(tmp_path):
-    from tsquant.pipeline.checkpoints import save_json, save_tensors
+    from tsquant.fileio import save_json, save_tensors
 
     run = tmp_path / "run"
     save_tensors(run / "train" / "model.safetensors", {"w": torch.ones(2)})

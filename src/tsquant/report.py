@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .pipeline.checkpoints import load_json  # noqa: E402
+from .fileio import load_json  # noqa: E402
 from .quantizers.activation import SparseQuantizer  # noqa: E402
 
 

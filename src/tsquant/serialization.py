@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .pipeline.checkpoints import (
+from .fileio import (
     CheckpointError,
     load_json,
     load_model_weights,

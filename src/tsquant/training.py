@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .pipeline.checkpoints import (
+from .fileio import (
     load_tensor_meta,
     load_tensors,
     optimizer_from_tensors,
@@ -27,7 +27,6 @@ from .pipeline.checkpoints import (
     rng_to_tensors,
     save_tensors,
 )
-from .pipeline.provenance import describe_change
 
 EXPLODED = 100.0  # a loss above this and EXPLODED_FACTOR x the first batch's has diverged
 EXPLODED_FACTOR = 50.0
@@ -42,6 +41,14 @@ def _first_non_finite(model: nn.Module) -> str | None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """'codes.eps 0.32 -> 0.5, train.lr 0.1 -> 0.2' (at most three) between two settings."""
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:3]]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ", ".join(parts) + more
 
 
 def learning_rate(step: int, total: int, peak: float, schedule: str, warmup: float) -> float:

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .pipeline.checkpoints import CheckpointError, load_json, save_json, sha256_of
+from .fileio import CheckpointError, load_json, save_json, sha256_of
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
 

@@ -63,7 +63,7 @@ def test_truncated_tensor_file_is_refused(exported_resnet, tmp_path):
 
 
 def test_truncated_file_with_a_matching_hash_is_still_refused(exported_resnet, tmp_path):
-    from tsquant.pipeline.checkpoints import sha256_of
+    from tsquant.fileio import sha256_of
 
     folder = _copy(exported_resnet[1], tmp_path)
     data = (folder / TENSOR_FILE).read_bytes()

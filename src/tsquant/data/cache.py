@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_write
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -91,27 +92,22 @@ def cache_key(sources: Iterable[str | os.PathLike[str]], split: str, **params: A
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the same dir, fsync, then os.replace (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_with(dump: Callable[[IO[bytes]], None]) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            dump(f)
+
+    return write
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    dump = _write_with(lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    atomic_write(path, dump)
 
 
 def save_json_atomic(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    text = json.dumps(obj, indent=1, sort_keys=True).encode()
+    atomic_write(path, _write_with(lambda f: f.write(text)))
 
 
 def entry_dir(dataset: str, split: str, key: str) -> Path:

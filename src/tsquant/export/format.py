@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .. import __version__
-from ..pipeline.checkpoints import save_json, save_tensors, sha256_of
+from ..fileio import save_json, save_tensors, sha256_of
 from .graph import ExportError, build_graph, check_graph, quantized_nodes
 from .packing import PackingError, grid_bits, pack_codes, unpack_codes
 

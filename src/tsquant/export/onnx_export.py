@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline.checkpoints import _atomic_write
+from ..fileio import atomic_write
 from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
 from .graph import ExportError
@@ -245,7 +245,7 @@ def to_onnx(exported: ExportedModel, path: Path) -> Path:
     model.ir_version = 10
     onnx.checker.check_model(model)
     path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(model.SerializeToString()))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(model.SerializeToString()))
     return path
 
 

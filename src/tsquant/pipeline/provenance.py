@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from ..training import describe_change
 from .config import RunConfig
+
+__all__ = ["UPSTREAM", "describe_change", "stage_config"]
 
 # data options that change what a training stage sees (not eval-only or runtime ones)
 _DATA = [
@@ -57,11 +60,3 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
     if stage in ("transform", "finetune"):  # the step-1 design is part of what they reproduce
         keys += [k for k in flat if k.startswith("codes.") and k.split(".")[-1] in ("bits", "eps")]
     return {k: flat[k] for k in keys}
-
-
-def describe_change(old: dict, new: dict) -> str:
-    """'codes.eps 0.32 -> 0.5, train.lr 0.1 -> 0.2' (at most three)."""
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    parts = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:3]]
-    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-    return ", ".join(parts) + more

@@ -22,6 +22,14 @@ import yaml
 
 from .. import __version__, distributed
 from ..data import BatchLoader, load_dataset
+from ..fileio import (
+    CheckpointError,
+    load_json,
+    load_model_weights,
+    save_json,
+    save_tensors,
+    sha256_of,
+)
 from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
 from ..surgery import (
@@ -33,14 +41,6 @@ from ..surgery import (
 )
 from ..training import clear_resume, evaluate, train
 from ..transform import TransformConfig, transform
-from .checkpoints import (
-    CheckpointError,
-    load_json,
-    load_model_weights,
-    save_json,
-    save_tensors,
-    sha256_of,
-)
 from .config import ConfigError, RunConfig, from_dict
 from .lock import RunLock
 from .provenance import UPSTREAM, describe_change, stage_config

@@ -1,10 +1,10 @@
-"""Stage checkpoints: safetensors for tensors, JSON for metadata, written atomically.
+"""The project's file I/O: atomic writes, safetensors and JSON, hashes, safe state-dict loading.
 
-A stage folder holds ``model.safetensors`` + ``meta.json`` when the stage is complete, and
-``resume.safetensors`` (tensors and progress in one file) while it runs. Every file is written to a temporary
-name in the same folder and moved into place with os.replace, so a killed process leaves either
-the old file or the new one, never half of one. Nothing is unpickled except PyTorch state
-dicts given by the user, through torch.load(weights_only=True).
+Every file tsquant writes (stage checkpoints, resume states, exports, the data cache) goes to
+a temporary name in the same folder and is moved into place with os.replace, so a killed
+process leaves either the old file or the new one, never half of one. Nothing is unpickled
+except PyTorch state dicts given by the user, through torch.load(weights_only=True). This
+module imports nothing from tsquant: everything else builds on it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, damaged or from another model; the message says what to do."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, fsync, then move the file to ``path`` atomically."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -42,7 +44,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {"tsquant": json.dumps(meta or {})}
-    _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=header))
+    atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=header))
 
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -106,7 +108,7 @@ def load_tensor_meta(path: Path) -> dict:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_json(path: Path, data: dict) -> None:

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tsquant.pipeline.checkpoints import (
+from tsquant.fileio import (
     CheckpointError,
     load_model_weights,
     load_tensors,
@@ -29,7 +29,7 @@ def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("tsquant.pipeline.checkpoints.save_file", crash_half_way)
+    monkeypatch.setattr("tsquant.fileio.save_file", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         save_tensors(path, {"w": torch.zeros(3)})
     assert torch.equal(load_tensors(path)["w"], torch.ones(3))  # the old file is intact
@@ -62,3 +62,18 @@ def test_optimizer_state_round_trip():
     assert fresh.param_groups[0]["lr"] == 0.1
     buf = fresh.state[fresh.param_groups[0]["params"][0]]["momentum_buffer"]
     assert torch.equal(buf, opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"])
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    from tsquant.fileio import atomic_write
+
+    target = tmp_path / "d" / "a.bin"
+
+    def failing(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, failing)
+    assert list((tmp_path / "d").iterdir()) == []
