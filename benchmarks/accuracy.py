@@ -30,7 +30,7 @@ import torch
 
 from tsquant import __version__, zoo
 from tsquant.baselines import prepare_lsq
-from tsquant.cli import _overrides
+from tsquant.cli import parse_overrides
 from tsquant.export.verify import quantizer_codes
 from tsquant.fileio import load_json, save_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import RunConfig, load_config
@@ -376,7 +376,7 @@ def main() -> int:
         rows = json.loads(results_json.read_text())
         write_text_atomic(results_md, _with_other_sections(markdown(rows), results_md))
         return 0
-    bench = Bench(args.config, _overrides(args.set), args.out_dir)
+    bench = Bench(args.config, parse_overrides(args.set), args.out_dir)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
     unknown = [m for m in wanted if m not in CORE + OPTIONAL] + [
         a for a in args.ablations.split(",") if a and a not in ABLATIONS

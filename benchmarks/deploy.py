@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tsquant.cli import _overrides
+from tsquant.cli import parse_overrides
 from tsquant.fileio import load_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context, final_stage, stage_export
@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--force", action="store_true", help="verify again even if done")
     args = parser.parse_args()
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = load_config(args.config, parse_overrides(args.set))
     cfg.export.verify_images = None  # always the whole test set
     start = time.time()
     ctx = Context(cfg)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tsquant.capture import capture_layer_inputs
 from tsquant.fileio import load_model_weights, write_text_atomic
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context
@@ -35,7 +36,7 @@ from tsquant.solver import gram
 from tsquant.solver.rows import peak_rss_mb
 from tsquant.surgery import analyse, quantizable_layers
 from tsquant.training import evaluate
-from tsquant.transform import _collect, transform
+from tsquant.transform import transform
 
 HERE = Path(__file__).resolve().parent
 ROWS, RESULTS = HERE / "solver.json", HERE / "RESULTS.md"
@@ -62,7 +63,7 @@ def child(args) -> dict:
         todo = quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer)
         for index, layer in enumerate(todo):
             t0 = time.perf_counter()
-            gram(_collect(layer, index, step1, loader, tcfg, offsets=False)[0])
+            gram(capture_layer_inputs(layer, index, step1, loader, tcfg, offsets=False)[0])
             layers.append({"layer": layer.name, "wall_s": round(time.perf_counter() - t0, 2)})
         wall, peak = time.perf_counter() - start, peak_rss_mb()
     elif args.method in ("tsq", "adaround"):

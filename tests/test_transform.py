@@ -198,19 +198,19 @@ def test_otwa_method_quantizes_the_folded_step1_weights_without_data():
     [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 1, 2, 2), ((3, 1), (2, 1), (1, 0), 1)],
 )
 def test_sampled_patches_equal_unfold_at_the_same_positions(kernel, stride, padding, dilation):
-    from tsquant.transform import _patch_rows, _positions
+    from tsquant.capture import patch_rows, sample_positions
 
     conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(5, 3, 9, 8, generator=torch.Generator().manual_seed(0))
     cols = torch.nn.functional.unfold(
         x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
     )  # N, n, L
-    pos = _positions(5, cols.shape[2], 6, torch.Generator().manual_seed(1))
+    pos = sample_positions(5, cols.shape[2], 6, torch.Generator().manual_seed(1))
     reference = cols.gather(2, pos[:, None, :].expand(-1, cols.shape[1], -1))
     reference = reference.permute(0, 2, 1).reshape(-1, cols.shape[1])
-    assert torch.equal(_patch_rows(conv, x, pos, chunk=2), reference)
+    assert torch.equal(patch_rows(conv, x, pos, chunk=2), reference)
     assert torch.equal(
-        _patch_rows(conv, x.contiguous(memory_format=torch.channels_last), pos), reference
+        patch_rows(conv, x.contiguous(memory_format=torch.channels_last), pos), reference
     )
 
 
@@ -229,20 +229,20 @@ def test_targets_from_one_pass_line_up_with_each_layers_inputs():
     """The step-1 codes of all layers come from one pass, the inputs from one pass per layer:
     both sample the same positions, so the step-1 layer applied to the captured inputs gives
     the captured codes."""
+    from tsquant.capture import capture_layer_inputs, capture_targets
     from tsquant.surgery import analyse, bn_affine, quantizable_layers
-    from tsquant.transform import _capture_targets, _collect
 
     loader = calibration((8, 3, 32, 32), 2)
     step1 = step1_model("resnet20", loader)
     cfg = TransformConfig(positions_per_image=5, verbose=False)
     todo = quantizable_layers(analyse(step1), "fp", "fp")
     wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if layer.kind == "coded"}
-    targets = _capture_targets(step1, wanted, loader, cfg)
+    targets = capture_targets(step1, wanted, loader, cfg)
     for i in (0, 3):  # a plain and a residual layer
         layer = todo[i]
-        x, offset = _collect(layer, i, step1, loader, cfg, offsets=layer.residual)
+        x, offset = capture_layer_inputs(layer, i, step1, loader, cfg, offsets=layer.residual)
         assert (offset is not None) == layer.residual and x.rows == 16 * 5
-        x_only, none = _collect(layer, i, step1, loader, cfg, offsets=False)
+        x_only, none = capture_layer_inputs(layer, i, step1, loader, cfg, offsets=False)
         assert none is None and torch.equal(x_only.to_tensor(), x.to_tensor())
         weight = step1.get_submodule(layer.name).weight.flatten(1)
         scale, shift = bn_affine(step1, layer)

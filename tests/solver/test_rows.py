@@ -162,10 +162,10 @@ def test_warm_decodes_blocks_in_order_until_the_budget_is_spent():
 
 
 def test_projections_are_views_of_one_buffer_that_each_call_overwrites():
-    from tsquant.solver.alternation import _Problem
+    from tsquant.solver import LayerProblem
 
     x, y, quantizer, offset, init = planted_code_problem(5)
-    problem = _Problem(x, y, quantizer, offset, chunk_rows=300)
+    problem = LayerProblem(x, y, quantizer, offset, chunk_rows=300)
     first = problem.projections(init)
     expected = [block @ init.T.float() for block in problem.x.blocks()]
     assert [b.shape for b in first] == [e.shape for e in expected]

@@ -9,10 +9,10 @@ import torch
 
 from tsquant import SparseQuantizer, WeightGrid
 from tsquant.solver.alternation import (
-    _alpha_step,
-    _grid_round_wstep,
-    _initial_weights,
-    _Problem,
+    LayerProblem,
+    alpha_step,
+    coordinate_descent_wstep,
+    initial_weights,
 )
 from tsquant.solver.statistics import cross
 
@@ -66,7 +66,7 @@ def test_one_sweep_equals_brute_force_coordinate_updates(spec, seed):
     grid = WeightGrid.from_spec(spec)
     gram, b, w0, alpha = random_wstep_problem(seed, grid)
     w = w0.clone()
-    changes = _grid_round_wstep(gram, b, w, alpha, grid, sweeps=1)
+    changes = coordinate_descent_wstep(gram, b, w, alpha, grid, sweeps=1)
     ref, tie = reference_cd(gram, b, w0, alpha, grid, sweeps=1)
     assert torch.allclose(
         w_objective(gram, b, w, alpha), w_objective(gram, b, ref, alpha), rtol=1e-9, atol=1e-9
@@ -83,7 +83,7 @@ def test_vectorised_coordinate_descent_equals_per_channel_loop(spec, seed):
     grid = WeightGrid.from_spec(spec)
     gram, b, w0, alpha = random_wstep_problem(100 + seed, grid, n=8, c=6)
     w = w0.clone()
-    _grid_round_wstep(gram, b, w, alpha, grid, sweeps=4)
+    coordinate_descent_wstep(gram, b, w, alpha, grid, sweeps=4)
     ref, tie = reference_cd(gram, b, w0, alpha, grid, sweeps=4)
     assert torch.allclose(
         w_objective(gram, b, w, alpha), w_objective(gram, b, ref, alpha), rtol=1e-9, atol=1e-9
@@ -101,9 +101,9 @@ def test_blocked_coordinate_descent_visits_coordinates_in_order(block):
     grid = WeightGrid.from_spec("ternary")
     gram, b, w0, alpha = random_wstep_problem(7, grid, m=60, n=11, c=4)
     w = w0.clone()
-    changes = _grid_round_wstep(gram, b, w, alpha, grid, sweeps=3, block=block)
+    changes = coordinate_descent_wstep(gram, b, w, alpha, grid, sweeps=3, block=block)
     per_coordinate = w0.clone()
-    _grid_round_wstep(gram, b, per_coordinate, alpha, grid, sweeps=3, block=1)
+    coordinate_descent_wstep(gram, b, per_coordinate, alpha, grid, sweeps=3, block=1)
     ref, tie = reference_cd(gram, b, w0, alpha, grid, sweeps=3)
     assert torch.equal(w, per_coordinate) and changes > 0
     if not tie:
@@ -118,7 +118,9 @@ def test_coordinate_of_an_all_zero_column_is_left_alone():
     r = torch.randn(30, 3, dtype=torch.float64, generator=gen)
     w = torch.tensor([[0.0, 1, -1], [1, 1, 0], [-1, 1, 0], [0, 0, 1]], dtype=torch.float64)
     before = w.clone()
-    _grid_round_wstep(x.T @ x, x.T @ r, w, torch.ones(3, dtype=torch.float64), grid, sweeps=3)
+    coordinate_descent_wstep(
+        x.T @ x, x.T @ r, w, torch.ones(3, dtype=torch.float64), grid, sweeps=3
+    )
     assert torch.equal(w[2], before[2])
     assert not torch.equal(w, before)
 
@@ -132,7 +134,7 @@ def test_alpha_step_is_the_least_squares_scale():
         dtype=torch.float64,
     )
     w_before = w.clone()
-    alpha = _alpha_step(x.T @ x, x.T @ r, w, torch.ones(4, dtype=torch.float64))
+    alpha = alpha_step(x.T @ x, x.T @ r, w, torch.ones(4, dtype=torch.float64))
     assert bool((alpha > 0).all())
     for ch in range(4):
         s = x @ w_before[:, ch]
@@ -154,7 +156,7 @@ def make_problem(seed, quantizer, m=30, n=4, c=4):
     pre = torch.rand(m, c, generator=gen) * 4 - 1  # in [-1, 3]
     edges = quantizer.thresholds().float()
     pre[0, : min(c, len(edges))] = edges[: min(c, len(edges))]  # exactly on edges
-    return _Problem(x, y, quantizer, None, chunk_rows=8), pre, y
+    return LayerProblem(x, y, quantizer, None, chunk_rows=8), pre, y
 
 
 def elementwise_cost(problem, z, pre, y, lam):
@@ -238,24 +240,24 @@ def test_paper_alternation_never_increases_the_relaxed_objective(lam, seed):
     alpha_true, bias = 1 / s.std(0), -s.mean(0) / s.std(0)
     quantizer = SparseQuantizer.from_gaussian(bits=2, eps=0.32)
     y = quantizer(s * alpha_true + bias)
-    problem = _Problem(x, y, quantizer, None, chunk_rows=512)
+    problem = LayerProblem(x, y, quantizer, None, chunk_rows=512)
     grid = WeightGrid.from_spec("ternary")
     bias = bias.double()
     init = torch.randn(c, n, generator=gen) * 0.2
     from tsquant import SolverConfig
 
-    weights_t, alpha = _initial_weights(problem, init, bias, grid, SolverConfig().effective, c)
+    weights_t, alpha = initial_weights(problem, init, bias, grid, SolverConfig().effective, c)
     pre = problem.pre_activation(torch.cat(problem.projections(weights_t.T)), alpha, bias)
     z, _ = problem.z_step(pre, lam, 0.0)
     values = [relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam)]
     moved = 0
     for _ in range(8):
         b = cross(x, z - bias.float()[None, :], 512)
-        alpha = _alpha_step(problem.gram, b, weights_t, alpha)
+        alpha = alpha_step(problem.gram, b, weights_t, alpha)
         values.append(relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam))
-        moved += _grid_round_wstep(problem.gram, b, weights_t, alpha, grid, 4)
+        moved += coordinate_descent_wstep(problem.gram, b, weights_t, alpha, grid, 4)
         values.append(relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam))
-        alpha = _alpha_step(problem.gram, b, weights_t, alpha)
+        alpha = alpha_step(problem.gram, b, weights_t, alpha)
         values.append(relaxed_objective(problem, x, y, z, weights_t, alpha, bias, lam))
         pre = problem.pre_activation(torch.cat(problem.projections(weights_t.T)), alpha, bias)
         z, _ = problem.z_step(pre, lam, 0.0)

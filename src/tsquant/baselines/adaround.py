@@ -25,7 +25,7 @@ import torch
 
 from ..quantizers.activation import SparseQuantizer
 from ..quantizers.weight import WeightGrid, quantize_to_grid
-from ..solver.alternation import LayerSolution, _Problem
+from ..solver import LayerProblem, LayerSolution
 from ..solver.rows import RowStore, as_row_store
 
 ZETA, GAMMA = 1.1, -0.1  # rectified-sigmoid stretch (AdaRound)
@@ -134,7 +134,7 @@ def _score(solution, xs, ys, offs, quantizer, codes0, chunk_rows) -> None:
     """Agreement (coded layers) or relative error (linear), before (plain rounding) and after."""
     alpha, bias = solution.alpha.double(), solution.bias.double()
     if quantizer is not None:
-        problem = _Problem(xs, ys, quantizer, offs, chunk_rows)
+        problem = LayerProblem(xs, ys, quantizer, offs, chunk_rows)
         for codes, field in ((codes0, "agreement_init"), (solution.weight_codes, "agreement")):
             _, agree = problem.true_error(problem.projections(codes.double()), alpha, bias)
             setattr(solution, field, float(agree.sum()) / (problem.m * ys.width))

@@ -70,12 +70,12 @@ def export_model(
         "tensor_sha256": sha256_of(out_dir / TENSOR_FILE),
         **(info or {}),
     }
-    manifest["graph_sha256"] = _graph_digest(manifest)
+    manifest["graph_sha256"] = graph_digest(manifest)
     save_json(out_dir / MANIFEST_FILE, manifest)
     return ExportedModel(manifest, nodes, tensors)
 
 
-def _graph_digest(manifest: dict) -> str:
+def graph_digest(manifest: dict) -> str:
     """sha256 of what the tensors do not hold: the graph (quantizer steps and eps, padding,
     weight grids, ...), the input shape and the tensor specs."""
     covered = {k: manifest.get(k) for k in ("graph", "input_shape", "tensors", "tensor_file")}
@@ -107,7 +107,7 @@ def load_export(path: Path) -> ExportedModel:
             f"{manifest_path} has format version {manifest.get('format_version')}, this tsquant "
             f"reads {FORMAT_VERSION}: export again with this version"
         )
-    if manifest.get("graph_sha256") != _graph_digest(manifest):
+    if manifest.get("graph_sha256") != graph_digest(manifest):
         raise ExportError(
             f"{manifest_path} was edited after export (its graph, input shape or tensor list no "
             "longer match its graph_sha256): re-export the model"

@@ -109,7 +109,7 @@ class LayerSolution:
         return self.weight_codes.float() * self.alpha[:, None].float()
 
 
-class _Problem:
+class LayerProblem:
     """One layer's data, read block by block (TSQ-METHOD.md, step 2).
 
     X, the targets and the residual offsets are :class:`RowStore` s with the same blocks; every
@@ -293,7 +293,7 @@ class _Problem:
 _CD_BLOCK = 128  # coordinates per block of the w step's coordinate descent
 
 
-def _grid_round_wstep(
+def coordinate_descent_wstep(
     gram_matrix, b, weights_t, alpha, grid: WeightGrid, sweeps: int, block: int = _CD_BLOCK
 ):
     """Coordinate descent on alpha^2 w'Aw - 2 alpha w'b for all channels at once.
@@ -342,7 +342,7 @@ def _grid_round_wstep(
     return total_changes
 
 
-def _alpha_step(gram_matrix, b, weights_t, alpha):
+def alpha_step(gram_matrix, b, weights_t, alpha):
     """alpha = (w'b) / (w'Aw) per channel; a negative ratio flips w (the grid is symmetric)."""
     quad = (weights_t * (gram_matrix @ weights_t)).sum(0)
     lin = (weights_t * b).sum(0)
@@ -372,7 +372,7 @@ def _round_given_weights(gram_matrix, weights, grid: WeightGrid, config: SolverC
     return weight_space_rounding(weights, grid)
 
 
-def _initial_weights(problem: _Problem, init, bias, grid, config, c):
+def initial_weights(problem: LayerProblem, init, bias, grid, config, c):
     if init is not None:
         return _round_given_weights(problem.gram, init.reshape(c, -1), grid, config)
     # least-squares fit to a pre-activation placed inside each target code's bin
@@ -392,7 +392,7 @@ def _initial_weights(problem: _Problem, init, bias, grid, config, c):
 _FIT_TOLERANCE = 1e-6  # relative loss decrease that keeps the alpha/bias fit going
 
 
-def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, iters: int = 10):
+def _fit_alpha_bias(problem: LayerProblem, s_blocks, alpha, bias, margin: float, iters: int = 10):
     """Per-channel (alpha, bias) minimising the squared distance of p to its target bin.
 
     This is the lam -> 0 limit of the relaxed objective restricted to (alpha, bias): a convex
@@ -458,7 +458,7 @@ def _fit_alpha_bias(problem: _Problem, s_blocks, alpha, bias, margin: float, ite
     return alpha, bias
 
 
-def _refine_alpha_bias(problem: _Problem, s_blocks, alpha, bias, config):
+def _refine_alpha_bias(problem: LayerProblem, s_blocks, alpha, bias, config):
     """Per-channel coordinate grid search of alpha and bias on the true error ||y - Q(p)||^2."""
     best_err, _ = problem.true_error(s_blocks, alpha, bias)
     alpha, bias = alpha.clone(), bias.clone()
@@ -507,7 +507,7 @@ def solve_layer(
     cfg = config.effective
     grid = WeightGrid.from_spec(cfg.weight_bits)
     _check_inputs(X, Y, init, bias, offset)
-    problem = _Problem(X, Y, quantizer, offset, cfg.chunk_rows)
+    problem = LayerProblem(X, Y, quantizer, offset, cfg.chunk_rows)
     m, c = problem.m, _shape(Y)[1]
     # the cache budget goes first to what most passes read (bin bounds, offsets), then to X;
     # all formed up front, before the passes' temporaries, so they do not fragment the heap
@@ -522,7 +522,7 @@ def solve_layer(
         if bias is None
         else bias.detach().double().to(device).clone()
     )
-    weights_t, alpha = _initial_weights(problem, init, bias, grid, cfg, c)
+    weights_t, alpha = initial_weights(problem, init, bias, grid, cfg, c)
     lam_now = cfg.lam
     # the repair phase moves away from a given init; a least-squares start is already fitted
     # to the bin centres, and polishing it directly does better (planted problems)
@@ -550,9 +550,9 @@ def solve_layer(
     still = 0
     for it in range(1, cfg.iters + 1):
         b = zp["b"]  # X'(z - bias - offset) at the z of the previous alternation
-        alpha = _alpha_step(problem.gram, b, weights_t, alpha)
-        changes = _grid_round_wstep(problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
-        alpha = _alpha_step(problem.gram, b, weights_t, alpha)
+        alpha = alpha_step(problem.gram, b, weights_t, alpha)
+        changes = coordinate_descent_wstep(problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
+        alpha = alpha_step(problem.gram, b, weights_t, alpha)
         s = problem.projections(weights_t.T)  # overwrites the previous projections
         if cfg.learn_bias:  # mean over rows of z - offset - alpha s
             scaled = sum(
@@ -688,9 +688,9 @@ def solve_linear_layer(
     history = [{"iter": 0, "relative_error": error_init}]
     for it in range(1, cfg.iters + 1):
         b = cross_residual()
-        alpha = _alpha_step(stats.gram, b, weights_t, alpha)
-        changes = _grid_round_wstep(stats.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
-        alpha = _alpha_step(stats.gram, b, weights_t, alpha)
+        alpha = alpha_step(stats.gram, b, weights_t, alpha)
+        changes = coordinate_descent_wstep(stats.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
+        alpha = alpha_step(stats.gram, b, weights_t, alpha)
         # closed-form bias: mean residual, from the column sums of X
         bias = mean - alpha * (stats.column_sum @ weights_t) / m
         history.append({"iter": it, "relative_error": relative_error(), "changes": changes})
