@@ -269,3 +269,24 @@ def test_solver_settings_reach_the_solver_unchanged():
     assert TransformConfig(solver=SolverConfig(weight_bits=2)).weight_bits == 2
     with pytest.raises(ValueError, match="give it once"):
         TransformConfig(weight_bits=3, solver=SolverConfig(weight_bits=2))
+
+
+def test_step2_methods_are_a_registry_and_transform_records_its_plan():
+    from tsquant.transform import STEP2_METHODS, register_step2_method, step2_plan
+
+    calls = []
+
+    @register_step2_method("otwa_twice", needs_data=False)
+    def otwa_twice(task):
+        calls.append(task.layer.name)
+        return STEP2_METHODS["otwa"].solve(task)
+
+    try:
+        step1 = tsquant.prepare_step1(build_model("small_cnn", num_classes=10)).eval()
+        model_q = tsquant.transform(step1, [], TransformConfig(method="otwa_twice", verbose=False))
+        plan = step2_plan(model_q)
+        assert plan == {"method": "otwa_twice", "weight_bits": "ternary", "layers": calls}
+        assert calls == ["conv2.conv", "conv3.conv", "conv4.conv"]
+        assert step2_plan(copy.deepcopy(model_q)) == plan  # kept with the model
+    finally:
+        del STEP2_METHODS["otwa_twice"]

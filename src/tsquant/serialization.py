@@ -24,7 +24,7 @@ from .fileio import (
 )
 from .quantizers.modules import QuantizedConv2d, QuantizedLinear
 from .quantizers.weight import WeightGrid
-from .surgery import analyse, prepare_step1, write_back
+from .surgery import analyse, get_record, prepare_step1, write_back
 
 FORMAT = "tsquant-model"
 TENSOR_FILE = "model.safetensors"
@@ -39,9 +39,7 @@ def save(model: nn.Module, path: str | Path, architecture: dict | None = None) -
     lets :func:`load` rebuild the FP network by itself; without it, pass the FP network to
     ``load``. The structure file is written last, so a folder with it is complete.
     """
-    options = getattr(model, "tsquant_step1", None) or getattr(model, "meta", {}).get(
-        "tsquant_step1"
-    )
+    options = get_record(model, "tsquant_step1")
     if options is None:
         raise CheckpointError(
             "tsquant.save takes a model made by tsquant.prepare_step1 (before or after "

@@ -284,12 +284,24 @@ def prepare_step1(
             )
     # what tsquant.save records to rebuild this structure
     options = {"bits": bits, "eps": eps, "keep_head_input_fp": keep_head_input_fp}
-    prepared.tsquant_step1 = {**options, "affine_bn": affine_bn}
-    if isinstance(prepared, torch.fx.GraphModule):  # its deepcopy keeps `meta`, not attributes
-        prepared.meta["tsquant_step1"] = prepared.tsquant_step1
+    set_record(prepared, "tsquant_step1", {**options, "affine_bn": affine_bn})
     if check_export:
         check_exportable(prepared, "pass check_export=False to quantize without the export")
     return prepared
+
+
+def set_record(model: nn.Module, key: str, value: dict) -> None:
+    """Keep what tsquant did to a model on the model itself (it survives deepcopy)."""
+    setattr(model, key, value)
+    if isinstance(model, torch.fx.GraphModule):  # its deepcopy keeps `meta`, not attributes
+        model.meta[key] = value
+
+
+def get_record(model: nn.Module, key: str) -> dict | None:
+    found = getattr(model, key, None)
+    if found is None and isinstance(model, torch.fx.GraphModule):
+        found = model.meta.get(key)
+    return found
 
 
 def check_exportable(model: nn.Module, otherwise: str) -> None:

@@ -10,24 +10,35 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
+from .baselines.adaround import AdaRoundConfig, adaround_layer
 from .calibration import draw_calibration
 from .capture import capture_layer_inputs, capture_targets
 from .quantizers.activation import SparseQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
-from .solver.alternation import SolverConfig, solve_layer, solve_linear_layer
+from .solver.alternation import LayerSolution, SolverConfig, solve_layer, solve_linear_layer
 from .solver.rows import (
     RowStore,
+    mmap_threshold,
     peak_rss_mb,
     release_freed_memory,
-    set_mmap_threshold,
 )
-from .surgery import Layer, analyse, bn_affine, check_finite, quantizable_layers, write_back
+from .surgery import (
+    Layer,
+    analyse,
+    bn_affine,
+    check_finite,
+    get_record,
+    quantizable_layers,
+    set_record,
+    write_back,
+)
 
 
 @dataclass
@@ -63,8 +74,8 @@ class TransformConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
 
     def __post_init__(self):
-        if self.method not in ("tsq", "otwa", "adaround"):
-            raise ValueError(f"method must be 'tsq', 'otwa' or 'adaround', got {self.method!r}")
+        if self.method not in STEP2_METHODS:
+            raise ValueError(f"method must be one of {sorted(STEP2_METHODS)}, got {self.method!r}")
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
         for name in ("first_layer", "last_layer"):
@@ -110,6 +121,97 @@ def _target_kind(step1: nn.Module, layer: Layer) -> str:
     return "pre" if layer.bn else "out"
 
 
+@dataclass
+class LayerTask:
+    """One layer's step-2 problem as a method sees it (TSQ-METHOD.md, "Step 2").
+
+    ``X``, ``Y`` and ``offset`` are None for a method that needs no data (otwa). ``quantizer`` is
+    the step-1 quantizer after the layer (None: a linear target, the BN output or the logits);
+    ``init`` the step-1 weights with the BN scale folded in, (c, n); ``bias`` the BN shift."""
+
+    layer: Layer
+    init: torch.Tensor
+    bias: torch.Tensor
+    grid: WeightGrid
+    config: TransformConfig
+    quantizer: SparseQuantizer | None = None
+    X: RowStore | None = None
+    Y: RowStore | None = None
+    offset: RowStore | None = None
+
+
+@dataclass(frozen=True)
+class Step2Method:
+    name: str
+    solve: Callable[[LayerTask], LayerSolution]
+    needs_data: bool = True
+
+
+STEP2_METHODS: dict[str, Step2Method] = {}
+
+
+def register_step2_method(name: str, needs_data: bool = True):
+    """Decorator: ``solve(task: LayerTask) -> LayerSolution`` becomes ``method: name``."""
+
+    def register(solve):
+        STEP2_METHODS[name] = Step2Method(name, solve, needs_data)
+        return solve
+
+    return register
+
+
+@register_step2_method("tsq")
+def _solve_tsq(task: LayerTask) -> LayerSolution:
+    """The step-2 solver: coded layers by the alternation, linear targets by least squares."""
+    if task.quantizer is not None:
+        return solve_layer(
+            task.X,
+            task.Y,
+            task.quantizer,
+            init=task.init,
+            bias=task.bias,
+            offset=task.offset,
+            config=task.config.solver,
+        )
+    return solve_linear_layer(
+        task.X, task.Y, init=task.init, bias=task.bias, config=task.config.solver
+    )
+
+
+@register_step2_method("adaround")
+def _solve_adaround(task: LayerTask) -> LayerSolution:
+    """AdaRound-style learned rounding of the same captured problem (baseline)."""
+    cfg = task.config
+    return adaround_layer(
+        task.X,
+        task.Y,
+        task.quantizer,
+        task.init,
+        cfg.weight_bits,
+        bias=task.bias,
+        offset=task.offset,
+        config=AdaRoundConfig(iters=cfg.adaround_iters, seed=cfg.seed),
+    )
+
+
+@register_step2_method("otwa", needs_data=False)
+def _solve_otwa(task: LayerTask) -> LayerSolution:
+    """The BN-folded step-1 weights quantized per channel, no data (HWGQ-style baseline)."""
+    start = time.perf_counter()
+    codes, alpha = quantize_to_grid(task.init, task.grid)
+    return LayerSolution(
+        weight_codes=codes,
+        alpha=alpha,
+        bias=task.bias,
+        history=[],
+        agreement_init=float("nan"),
+        agreement=float("nan"),
+        relative_error_init=float("nan"),
+        relative_error=float("nan"),
+        seconds=time.perf_counter() - start,
+    )
+
+
 def transform(
     model_step1: nn.Module,
     calib_loader: Iterable,
@@ -130,110 +232,108 @@ def transform(
     check_finite(model_step1, "the step-1 model")
     # every pass below must see the same images, whatever the loader does (shuffle, one-shot)
     calibration = (
-        []  # the OTWA baseline needs no data
-        if cfg.method == "otwa"
-        else draw_calibration(calib_loader, cfg.max_images, cfg.input_key, cfg.device)
+        draw_calibration(calib_loader, cfg.max_images, cfg.input_key, cfg.device)
+        if STEP2_METHODS[cfg.method].needs_data
+        else []  # e.g. the OTWA baseline
     )
-    set_mmap_threshold(cfg.mmap_threshold_mb * 2**20)  # block temporaries go back to the OS
-    # the caller's model keeps its mode, device and parameters
-    step1 = copy.deepcopy(model_step1).to(cfg.device).eval()
-    quantized = copy.deepcopy(step1).eval()
-    layers = analyse(step1)
-    todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
-    grid = WeightGrid.from_spec(cfg.weight_bits)
-    total = time.perf_counter()
-    kinds = [_target_kind(step1, layer) for layer in todo]
-    code_targets: dict[int, RowStore] = {}
-    if cfg.method != "otwa":
-        # the step-1 codes every coded layer reproduces, from one pass of the step-1 model
-        wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if kinds[i] == "codes"}
-        code_targets = capture_targets(step1, wanted, calibration, cfg)
-    bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
-    for index, layer in enumerate(bar):
-        # the first layer's capture time includes the pass that captured all code targets
-        start = total if index == 0 else time.perf_counter()
-        if cfg.method == "otwa":
+    # block temporaries go back to the OS; the process's allocator is restored afterwards
+    with mmap_threshold(cfg.mmap_threshold_mb * 2**20):
+        # the caller's model keeps its mode, device and parameters
+        step1 = copy.deepcopy(model_step1).to(cfg.device).eval()
+        quantized = copy.deepcopy(step1).eval()
+        layers = analyse(step1)
+        todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
+        grid = WeightGrid.from_spec(cfg.weight_bits)
+        total = time.perf_counter()
+        kinds = [_target_kind(step1, layer) for layer in todo]
+        code_targets: dict[int, RowStore] = {}
+        if STEP2_METHODS[cfg.method].needs_data:
+            # the step-1 codes every coded layer reproduces, from one pass of the step-1 model
+            wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if kinds[i] == "codes"}
+            code_targets = capture_targets(step1, wanted, calibration, cfg)
+        method = STEP2_METHODS[cfg.method]
+        bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
+        for index, layer in enumerate(bar):
+            # the first layer's capture time includes the pass that captured all code targets
+            start = total if index == 0 else time.perf_counter()
             weight = step1.get_submodule(layer.name).weight.detach()
             scale, shift = bn_affine(step1, layer)
-            codes, alpha = quantize_to_grid(
-                weight.reshape(weight.shape[0], -1) * scale[:, None], grid
+            init = weight.reshape(weight.shape[0], -1) * scale[:, None]
+            task = LayerTask(layer, init, shift, grid, cfg)
+            if not method.needs_data:
+                sol = method.solve(task)
+                write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
+                if report is not None:
+                    report.append(
+                        {
+                            "layer": layer.name,
+                            "kind": cfg.method,
+                            "solve_s": time.perf_counter() - start,
+                        }
+                    )
+                continue
+            source = quantized if cfg.mode == "sequential" else step1
+            target_kind = kinds[index]
+            coded = target_kind == "codes"
+            if coded:
+                Y = code_targets.pop(index)
+            else:  # FP targets are captured per layer: kept for all layers they would add up
+                Y = capture_targets(step1, {index: (layer, target_kind)}, calibration, cfg)[index]
+            X, offset = capture_layer_inputs(
+                layer, index, source, calibration, cfg, coded and layer.residual
             )
-            write_back(quantized, layer, codes, alpha, shift, grid)
+            task.X, task.Y, task.offset = X, Y, (offset if coded else None)
+            task.quantizer = step1.get_submodule(layer.activation) if coded else None
+            release_freed_memory()  # the capture's per-batch temporaries
+            capture_s = time.perf_counter() - start
+            sol = method.solve(task)
+            write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
+            row = {
+                "layer": layer.name,
+                "kind": "coded" if coded else target_kind,
+                "rows": X.rows,
+                "inputs": X.width,
+                "channels": Y.width,
+                "stored_mb": round(
+                    (X.nbytes + Y.nbytes + (offset.nbytes if offset is not None else 0)) / 2**20, 2
+                ),
+                "capture_s": capture_s,
+                "solve_s": sol.seconds,
+                "agreement_init": sol.agreement_init,
+                "agreement": sol.agreement,
+                "relative_error_init": sol.relative_error_init,
+                "relative_error": sol.relative_error,
+                "history": sol.history,
+                "peak_rss_mb": peak_rss_mb(),  # of the process so far: shows which layer raised it
+            }
             if report is not None:
-                report.append(
-                    {"layer": layer.name, "kind": "otwa", "solve_s": time.perf_counter() - start}
+                report.append(row)
+            if cfg.verbose:
+                before, after = (
+                    (sol.agreement_init, sol.agreement)
+                    if coded
+                    else (sol.relative_error_init, sol.relative_error)
                 )
-            continue
-        source = quantized if cfg.mode == "sequential" else step1
-        target_kind = kinds[index]
-        coded = target_kind == "codes"
-        activation = step1.get_submodule(layer.activation) if coded else None
-        if coded:
-            Y = code_targets.pop(index)
-        else:  # FP targets are captured per layer: kept for all layers they would add up
-            Y = capture_targets(step1, {index: (layer, target_kind)}, calibration, cfg)[index]
-        X, offset = capture_layer_inputs(
-            layer, index, source, calibration, cfg, coded and layer.residual
-        )
-        weight = step1.get_submodule(layer.name).weight.detach()
-        scale, shift = bn_affine(step1, layer)
-        init = weight.reshape(weight.shape[0], -1) * scale[:, None]
-        release_freed_memory()  # the capture's per-batch temporaries
-        capture_s = time.perf_counter() - start
-        if cfg.method == "adaround":
-            from .baselines.adaround import AdaRoundConfig, adaround_layer
-
-            sol = adaround_layer(
-                X,
-                Y,
-                activation if coded else None,
-                init,
-                cfg.weight_bits,
-                bias=shift,
-                offset=offset if coded else None,
-                config=AdaRoundConfig(iters=cfg.adaround_iters, seed=cfg.seed),
-            )
-        elif coded:
-            sol = solve_layer(
-                X, Y, activation, init=init, bias=shift, offset=offset, config=cfg.solver
-            )
-        else:
-            sol = solve_linear_layer(X, Y, init=init, bias=shift, config=cfg.solver)
-        write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
-        row = {
-            "layer": layer.name,
-            "kind": "coded" if coded else target_kind,
-            "rows": X.rows,
-            "inputs": X.width,
-            "channels": Y.width,
-            "stored_mb": round(
-                (X.nbytes + Y.nbytes + (offset.nbytes if offset is not None else 0)) / 2**20, 2
-            ),
-            "capture_s": capture_s,
-            "solve_s": sol.seconds,
-            "agreement_init": sol.agreement_init,
-            "agreement": sol.agreement,
-            "relative_error_init": sol.relative_error_init,
-            "relative_error": sol.relative_error,
-            "history": sol.history,
-            "peak_rss_mb": peak_rss_mb(),  # of the process so far: shows which layer raised it
-        }
-        if report is not None:
-            report.append(row)
+                metric = "agree" if coded else "rel.err"
+                tqdm.write(
+                    f"[step2 {index + 1}/{len(todo)}] {layer.name:<24} {X.rows}x{X.width}->{Y.width} "
+                    f"{metric} {before:.4f} -> {after:.4f}  "
+                    f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s"
+                )
+            del X, Y, offset, sol, task
+            release_freed_memory()
         if cfg.verbose:
-            before, after = (
-                (sol.agreement_init, sol.agreement)
-                if coded
-                else (sol.relative_error_init, sol.relative_error)
-            )
-            metric = "agree" if coded else "rel.err"
-            tqdm.write(
-                f"[step2 {index + 1}/{len(todo)}] {layer.name:<24} {X.rows}x{X.width}->{Y.width} "
-                f"{metric} {before:.4f} -> {after:.4f}  "
-                f"capture {capture_s:.1f}s solve {sol.seconds:.1f}s"
-            )
-        del X, Y, offset, sol
-        release_freed_memory()
-    if cfg.verbose:
-        print(f"[step2] {len(todo)} layers in {time.perf_counter() - total:.1f}s", flush=True)
-    return quantized
+            print(f"[step2] {len(todo)} layers in {time.perf_counter() - total:.1f}s", flush=True)
+        # the plan, for the stages and tsquant.save: which layers, which method, which grid
+        plan = {
+            "method": cfg.method,
+            "weight_bits": cfg.weight_bits,
+            "layers": [x.name for x in todo],
+        }
+        set_record(quantized, "tsquant_step2", plan)
+        return quantized
+
+
+def step2_plan(model: nn.Module) -> dict | None:
+    """What :func:`transform` did to make ``model``: {"method", "weight_bits", "layers"}."""
+    return get_record(model, "tsquant_step2")

@@ -46,5 +46,5 @@ def test_linear_targets_reduce_the_relative_error():
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="iters"):
         AdaRoundConfig(iters=0)
-    with pytest.raises(ValueError, match="'tsq', 'otwa' or 'adaround'"):
+    with pytest.raises(ValueError, match=r"method must be one of \['adaround', 'otwa', 'tsq'\]"):
         TransformConfig(method="gptq")

@@ -33,14 +33,12 @@ from ..fileio import (
 from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
 from ..surgery import (
-    analyse,
     check_exportable,
     prepare_step1,
-    quantizable_layers,
     quantized_skeleton,
 )
 from ..training import clear_resume, evaluate, train
-from ..transform import TransformConfig, transform
+from ..transform import TransformConfig, step2_plan, transform
 from .config import ConfigError, RunConfig, from_dict
 from .lock import RunLock
 from .provenance import UPSTREAM, describe_change, stage_config
@@ -412,7 +410,6 @@ def stage_transform(ctx: Context) -> None:
     step1 = ctx.load("codes", ctx.step1_model())
     t = ctx.cfg.transform
     tcfg = ctx.transform_config()
-    layers = quantizable_layers(analyse(step1), t.first_layer, t.last_layer)
     rows: list[dict] = []
     start = time.time()
     model = transform(step1, ctx.calib_loader(), tcfg, report=rows)
@@ -426,7 +423,7 @@ def stage_transform(ctx: Context) -> None:
             "test_top1": top1,
             "wall_s": wall,
             "layers": rows,
-            "quantized_layers": [layer.name for layer in layers],
+            "quantized_layers": step2_plan(model)["layers"],
             "weight_bits": t.weight_bits,
         },
     )

@@ -10,6 +10,7 @@ Data with more distinct values (an FP first layer's output, linear targets) stay
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 from collections.abc import Iterator
@@ -43,13 +44,28 @@ def set_mmap_threshold(nbytes: int) -> bool:
     temporaries (a decoded block, a batch's activations) then come from the heap, among the
     long-lived row blocks, and the heap's high-water mark grows with the number of blocks. A
     fixed threshold sends them to mmap, returned to the OS as soon as they are freed. The
-    setting is process-wide and stays after step 2. Returns whether it was set (glibc only)."""
+    setting is process-wide (:func:`mmap_threshold` restores it). Returns whether it was set (glibc only)."""
     if not sys.platform.startswith("linux") or nbytes <= 0:
         return False
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+_GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+@contextlib.contextmanager
+def mmap_threshold(nbytes: int):
+    """:func:`set_mmap_threshold` for the duration of a block, then glibc's default again
+    (0: the allocator is left alone)."""
+    applied = set_mmap_threshold(nbytes)
+    try:
+        yield applied
+    finally:
+        if applied:
+            set_mmap_threshold(_GLIBC_DEFAULT_MMAP_THRESHOLD)
 
 
 def peak_rss_mb() -> float | None:
