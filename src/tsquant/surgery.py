@@ -399,10 +399,6 @@ def check_finite(model: nn.Module, what: str = "the model") -> None:
             )
 
 
-def sparse_quantizers(model: nn.Module) -> dict[str, SparseQuantizer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantizer)}
-
-
 def check_weights_on_grid(model: nn.Module) -> bool:
     """True when every quantized layer's weight is exactly alpha * grid integer."""
     for m in model.modules():
@@ -441,7 +437,6 @@ __all__ = [
     "write_back",
     "quantizable_layers",
     "bn_affine",
-    "sparse_quantizers",
     "check_finite",
     "swap_for_qat",
     "trace",

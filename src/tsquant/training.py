@@ -242,5 +242,4 @@ def train(
 
 
 def clear_resume(work_dir: Path) -> None:
-    for name in ("resume.safetensors", "resume.json"):
-        (Path(work_dir) / name).unlink(missing_ok=True)
+    (Path(work_dir) / "resume.safetensors").unlink(missing_ok=True)

@@ -56,3 +56,23 @@ def test_option_table_has_help_for_every_option():
     assert all(help_text for _, _, help_text in rows)
     # nested defaults of the instance (codes trains with a small lr) are shown
     assert dict((n, d) for n, d, _ in rows)["codes.lr"] == RunConfig().codes.lr
+
+
+def test_yaml_transform_settings_reach_the_solver_unchanged(tmp_path):
+    from dataclasses import fields
+
+    from tsquant.pipeline.config import TransformStageConfig
+    from tsquant.pipeline.stages import Context
+    from tsquant.transform import TransformConfig
+
+    (tmp_path / "c.yaml").write_text(
+        "transform:\n  lam: 5.0\n  iters: 3\n  variant: paper\n  weight_bits: 2\n"
+        "  positions_per_image: 9\n"
+    )
+    tcfg = Context(load_config(tmp_path / "c.yaml")).transform_config()
+    solver = tcfg.solver
+    assert (solver.lam, solver.iters, solver.variant, solver.weight_bits) == (5.0, 3, "paper", 2)
+    assert tcfg.positions_per_image == 9
+    # every option of the YAML section is the library's, but the pipeline's calib_images
+    section = {f.name for f in fields(TransformStageConfig)}
+    assert section - {f.name for f in fields(TransformConfig)} == {"calib_images"}

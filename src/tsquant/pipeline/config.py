@@ -196,9 +196,6 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _suggest(key: str, valid: list[str]) -> str:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)

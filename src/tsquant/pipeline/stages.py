@@ -225,25 +225,14 @@ class Context:
         return quantized_skeleton(self.step1_model(), meta["quantized_layers"], meta["weight_bits"])
 
     def transform_config(self, **overrides) -> TransformConfig:
-        """Step-2 options of this run (the transform section, seed and device) + overrides."""
-        t = self.cfg.transform
-        options = {
-            "weight_bits": t.weight_bits,
-            "method": t.method,
-            "adaround_iters": t.adaround_iters,
-            "mode": t.mode,
-            "lam": t.lam,
-            "iters": t.iters,
-            "variant": t.variant,
-            "start": t.start,
-            "positions_per_image": t.positions_per_image,
-            "cache_mb": t.cache_mb,
-            "mmap_threshold_mb": t.mmap_threshold_mb,
-            "first_layer": t.first_layer,
-            "last_layer": t.last_layer,
-            "seed": self.cfg.seed,
-            "device": self.device,
-        }
+        """Step-2 options of this run (the transform section, seed and device) + overrides.
+
+        Every option of the YAML section that TransformConfig has is passed by name; the
+        section's other options are the pipeline's (calib_images)."""
+        section = asdict(self.cfg.transform)
+        library = {f.name for f in dataclasses.fields(TransformConfig)}
+        options = {k: v for k, v in section.items() if k in library}
+        options |= {"seed": self.cfg.seed, "device": self.device}
         return TransformConfig(**{**options, **overrides})
 
     def stage_dir(self, stage: str) -> Path:
