@@ -217,3 +217,27 @@ def test_bad_shapes_of_init_bias_offset_and_bad_options():
         SolverConfig(iters=-1)
     with pytest.raises(ValueError, match="levels"):  # targets that are not quantizer outputs
         solve_layer(x, y + 10.0, QUANTIZER)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_best_iterate_per_channel_never_ends_below_any_iterate(seed):
+    """Each channel keeps its best iterate (the start included), so the layer ends at least as
+    good as every iterate it went through, on the measure chosen; the agreement setting also
+    refuses a refinement that loses codes."""
+    x, y, w, alpha, bias, shift = planted(
+        [-1.0, 0.0, 1.0], m=3000, n=24, c=8, seed=seed, offset=True
+    )
+    gen = torch.Generator().manual_seed(seed)
+    init = (w + 0.6 * torch.randn(w.shape, generator=gen)) * alpha[:, None]  # a poor start
+    for measure in ("agreement", "error"):
+        cfg = SolverConfig(keep_best=measure, iters=6)
+        sol = solve_layer(x, y, QUANTIZER, init=init, bias=bias, offset=shift, config=cfg)
+        if measure == "agreement":
+            assert sol.agreement >= max(h["agreement"] for h in sol.history) - 1e-12
+            assert sol.agreement >= sol.agreement_init
+        pre = x @ (sol.weight_codes.float() * sol.alpha[:, None]).T + sol.bias + shift
+        error = float(((QUANTIZER(pre) - y) ** 2).sum(0).sum()) / len(x)
+        if measure == "error":
+            assert error <= min(h["true_error"] for h in sol.history) * (1 + 1e-4) + 1e-9
+    with pytest.raises(ValueError, match="keep_best"):
+        SolverConfig(keep_best="codes")

@@ -56,6 +56,9 @@ class SolverConfig:
     refine_points: int = 9
     refine_rounds: int = 2
     ridge: float = 1e-4  # relative ridge for the least-squares initialisation
+    # tsquant: per output channel, the iterate kept at the end is the best one seen (the start
+    # included) on "error" (the true objective ||y - Q(p)||^2) or "agreement" (codes reproduced)
+    keep_best: str = "error"
     chunk_rows: int = 16384
 
     def __post_init__(self):
@@ -72,6 +75,8 @@ class SolverConfig:
             raise ValueError(f"margin must be in [0, 0.5), got {self.margin!r}")
         if self.lam_growth < 1:
             raise ValueError(f"lam_growth must be >= 1, got {self.lam_growth!r}")
+        if self.keep_best not in ("error", "agreement"):
+            raise ValueError(f"keep_best must be 'error' or 'agreement', got {self.keep_best!r}")
 
     @property
     def effective(self) -> SolverConfig:
@@ -546,7 +551,7 @@ def solve_layer(
             "lam": cfg.lam,
         }
     ]
-    best = (float(zp["true_error"].sum()), weights_t.clone(), alpha.clone(), bias.clone())
+    best = _BestIterate(cfg.keep_best, zp, weights_t, alpha, bias)
     still = 0
     for it in range(1, cfg.iters + 1):
         b = zp["b"]  # X'(z - bias - offset) at the z of the previous alternation
@@ -563,8 +568,7 @@ def solve_layer(
             alpha, bias = _fit_alpha_bias(problem, s, alpha, bias, cfg.margin)
         zp = z_pass(s, alpha, bias)
         err = float(zp["true_error"].sum())
-        if err < best[0]:
-            best = (err, weights_t.clone(), alpha.clone(), bias.clone())
+        best.offer(zp, weights_t, alpha, bias)
         history.append(
             {
                 "iter": it,
@@ -590,12 +594,19 @@ def solve_layer(
             break  # w has not moved for two alternations: the iterate is (close to) a fixed point
         lam_now *= cfg.lam_growth
 
-    if cfg.variant == "tsquant":  # keep the best iterate on the true objective
-        _, best_w, alpha, bias = best
-        if not torch.equal(best_w, weights_t):
-            weights_t, s = best_w, problem.projections(best_w.T)
+    if cfg.variant == "tsquant":  # per channel, the best iterate seen (the start included)
+        if not torch.equal(best.weights_t, weights_t):
+            weights_t, s = best.weights_t, problem.projections(best.weights_t.T)
+        alpha, bias = best.alpha, best.bias
     if cfg.refine:
-        alpha, bias = _refine_alpha_bias(problem, s, alpha, bias, cfg)
+        refined_alpha, refined_bias = _refine_alpha_bias(problem, s, alpha, bias, cfg)
+        if cfg.keep_best == "agreement":  # the refinement minimises the error: keep it only
+            _, before = problem.true_error(s, alpha, bias)  # where agreement does not drop
+            _, after = problem.true_error(s, refined_alpha, refined_bias)
+            keep = after >= before
+            refined_alpha = torch.where(keep, refined_alpha, alpha)
+            refined_bias = torch.where(keep, refined_bias, bias)
+        alpha, bias = refined_alpha, refined_bias
     _, agree = problem.true_error(s, alpha, bias)
     return LayerSolution(
         weight_codes=weights_t.T.contiguous().to(grid.code_dtype),
@@ -606,6 +617,28 @@ def solve_layer(
         agreement=float(agree.sum()) / (m * c),
         seconds=time.perf_counter() - start,
     )
+
+
+class _BestIterate:
+    """Per output channel, the best (w, alpha, bias) seen so far on the chosen measure (the
+    channels of a layer are independent problems, so each keeps its own best iterate)."""
+
+    def __init__(self, measure: str, zp: dict, weights_t, alpha, bias):
+        self.measure = measure
+        self.score = self._score(zp)
+        self.weights_t, self.alpha, self.bias = weights_t.clone(), alpha.clone(), bias.clone()
+
+    def _score(self, zp: dict) -> torch.Tensor:  # higher is better
+        return zp["agree"].double() if self.measure == "agreement" else -zp["true_error"]
+
+    def offer(self, zp: dict, weights_t, alpha, bias) -> None:
+        score = self._score(zp)
+        better = score > self.score
+        if bool(better.any()):
+            self.score = torch.where(better, score, self.score)
+            self.weights_t[:, better] = weights_t[:, better]
+            self.alpha = torch.where(better, alpha, self.alpha)
+            self.bias = torch.where(better, bias, self.bias)
 
 
 def _shape(a) -> tuple[int, int]:
