@@ -51,6 +51,19 @@ def describe_change(old: dict, new: dict) -> str:
     return ", ".join(parts) + more
 
 
+def distillation_loss(logits, teacher_logits, hard_loss, weight: float, temperature: float):
+    """(1 - weight) * hard_loss + weight * T^2 * KL(softmax(teacher / T) || softmax(logits / T))
+    (Hinton et al. 2015; T^2 keeps the soft term's gradient scale independent of T)."""
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1 - weight) * hard_loss + weight * t * t * soft
+
+
 def learning_rate(step: int, total: int, peak: float, schedule: str, warmup: float) -> float:
     if schedule == "constant" or total <= 1:
         return peak
@@ -111,6 +124,7 @@ def train(
     desc: str = "train",
     val_loader=None,
     provenance: dict | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[dict]:
     """Train in place; resume from ``work_dir/resume.safetensors`` when present. Returns per-epoch
     logs (with ``val_top1`` after each epoch when a validation loader is given). Under torchrun
@@ -192,6 +206,10 @@ def train(
             x, y = x.to(device), y.to(device)
             out = net(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            if teacher is not None and getattr(cfg, "distill", 0.0) > 0:
+                with torch.no_grad():
+                    soft = teacher(x)
+                loss = distillation_loss(out, soft, loss, cfg.distill, cfg.distill_temperature)
             value = float(loss.detach())
             if reference is None:
                 reference = value

@@ -88,6 +88,12 @@ class TrainConfig:
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     augment: bool = opt(True, "standard augmentation (random crop, flip where the dataset uses it)")
     checkpoint_seconds: float = opt(120.0, "also checkpoint mid-epoch at most this often (seconds)")
+    distill: float = opt(
+        0.0,
+        "step 1 and fine-tune: weight of distillation from the FP model's logits (KL of "
+        "softened outputs) against the labels' cross-entropy; 0 is the paper's plain loss",
+    )
+    distill_temperature: float = opt(4.0, "softening temperature of the distillation targets")
 
 
 @dataclass
@@ -314,6 +320,8 @@ def validate(config, prefix: str = "") -> None:
         "last_layer": lambda v: v in ("fp", "quantize"),
         "device": _device_ok,
         "affine_bn": lambda v: v in ("fold", "keep"),
+        "distill": lambda v: math.isfinite(v) and 0 <= v <= 1,
+        "distill_temperature": lambda v: math.isfinite(v) and v > 0,
         "eval_batch_size": lambda v: v >= 1,
         "threads": lambda v: v >= 1,
         "seed": lambda v: 0 <= v < 2**63,
@@ -341,6 +349,8 @@ def validate(config, prefix: str = "") -> None:
         "method": "use tsq, otwa or adaround",
         "variant": "use tsquant or paper",
         "affine_bn": "use fold or keep",
+        "distill": "use a weight in [0, 1] (0: labels only, 1: FP logits only)",
+        "distill_temperature": "use a temperature > 0, e.g. 4",
         "eval_batch_size": "use a batch size >= 1",
         "threads": "use a number of threads >= 1, or leave it unset",
         "seed": "use an integer in 0..2**63-1",
@@ -432,6 +442,11 @@ def _validate_run(cfg: RunConfig) -> None:
                 f"(data.batch_size={d.batch_size}), so {section} would take no step: raise "
                 "data.train_subset or lower data.batch_size"
             )
+    if cfg.train.distill:
+        raise ConfigError(
+            "train.distill distils from the FP model, which the train stage is making: set it "
+            "for codes and finetune only"
+        )
     if cfg.init_checkpoint is not None and not Path(cfg.init_checkpoint).is_file():
         raise ConfigError(f"init_checkpoint {cfg.init_checkpoint} not found: check the path")
     if (d.mean is None) != (d.std is None):

@@ -257,12 +257,23 @@ class Context:
         load_model_weights(model, path)
         return model.to(self.device)
 
+    def teacher(self) -> torch.nn.Module:
+        """The FP model of the train stage, frozen, for distillation in step 1 and fine-tune."""
+        model = self.load("train", self.fp_model()).eval()
+        if self.cfg.data.channels_last:
+            model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
     def provenance(self, stage: str) -> dict:
         """What the stage's result depends on: its options and the hashes of its inputs."""
         inputs = {}
         upstream = UPSTREAM[stage]
         if upstream is not None:
             inputs["upstream"] = load_json(self.stage_dir(upstream) / "meta.json")["model_sha256"]
+        if stage == "finetune" and self.cfg.finetune.distill > 0:  # the FP model teaches
+            inputs["teacher"] = load_json(self.stage_dir("train") / "meta.json")["model_sha256"]
         if stage == "train" and self.cfg.init_checkpoint:
             inputs["init_checkpoint"] = sha256_of(Path(self.cfg.init_checkpoint))
         else:
@@ -287,6 +298,7 @@ class Context:
         labels = {
             "upstream": f"the {upstream} stage it was built from has changed",
             "init_checkpoint": "init_checkpoint's contents changed",
+            "teacher": "the FP model it was distilled from has changed",
             "train_data": "the training data changed",
         }
         for key, label in labels.items():
@@ -352,6 +364,7 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
         desc=desc,
         val_loader=ctx.val_loader(),
         provenance=ctx.provenance(stage),
+        teacher=ctx.teacher() if getattr(cfg_train, "distill", 0.0) > 0 else None,
     )
     top1 = None
     if ctx.world.main:
