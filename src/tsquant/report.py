@@ -84,19 +84,30 @@ def plot_solver_curves(layers: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(ctx) -> Path:
-    from .pipeline.stages import results_table
+def results_table(rows: list[dict]) -> str:
+    fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
+    lines = ["| method | weights | activations | top-1 (%) | vs FP |", "|---|---|---|---|---|"]
+    for r in rows:
+        delta = f"{r['top1'] - fp:+.2f}" if fp is not None else ""
+        lines.append(
+            f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['top1']:.2f} | {delta} |"
+        )
+    return "\n".join(lines)
 
+
+def write_report(ctx) -> Path:
     out = ctx.stage_dir("report")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ctx.cfg
+    # the settings the stages were made with, not today's config
+    made = next((ctx.as_recorded(s).cfg for s in ("transform", "codes") if ctx.done(s)), ctx.cfg)
     lines = [
-        f"# tsquant report: {cfg.name}",
+        f"# tsquant report: {ctx.cfg.name}",
         "",
-        f"Model `{cfg.model.name}` on {ctx.dataset('test').title or cfg.data.dataset} "
-        f"({len(ctx.dataset('test'))} test images); activations {cfg.codes.bits}-bit with "
-        f"eps={cfg.codes.eps}, weights {cfg.transform.weight_bits} "
-        f"(step 2: {cfg.transform.mode}, variant {cfg.transform.variant}, lam {cfg.transform.lam}).",
+        f"Model `{made.model.name}` on {ctx.dataset('test').title or ctx.cfg.data.dataset} "
+        f"({len(ctx.dataset('test'))} test images); activations {made.codes.bits}-bit with "
+        f"eps={made.codes.eps}, weights {made.transform.weight_bits} "
+        f"(step 2: {made.transform.method}, {made.transform.mode}, variant "
+        f"{made.transform.variant}, lam {made.transform.lam}).",
         "",
     ]
     results = ctx.stage_dir("eval") / "results.json"
@@ -119,9 +130,9 @@ def write_report(ctx) -> Path:
             "|---|---|---|---|---|",
         ]
         for r in meta["layers"]:
-            if r["kind"] == "otwa":
+            if "agreement" not in r:  # a method that needs no data (otwa)
                 lines.append(
-                    f"| {r['layer']} (direct OTWA, no data) | - | - | - | {r['solve_s']:.1f} |"
+                    f"| {r['layer']} ({r['kind']}, no data) | - | - | - | {r['solve_s']:.1f} |"
                 )
                 continue
             before = r["agreement_init"] if r["kind"] == "coded" else r["relative_error_init"]

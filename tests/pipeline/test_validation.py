@@ -62,6 +62,7 @@ VALUE_CASES = {  # --set items -> fragment
     "subset below a batch": (["data.train_subset=10"], "smaller than one batch"),
     "out_dir is a file": (["out_dir={tmp}/afile"], "is a file, not a folder"),
     "out_dir below a file": (["out_dir={tmp}/afile/sub"], "is a file, not a folder"),
+    "out_dir not writable": (["out_dir=/proc/tsquant-runs"], "cannot write in /proc"),
     "name with ..": (["name=../x"], "is not a folder name"),
     "absolute name": (["name=/tmp/x"], "is not a folder name"),
     "empty name": (["name="], "give a non-empty name"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
+import tempfile
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -459,11 +459,13 @@ def _validate_run(cfg: RunConfig) -> None:
                     f"out_dir={cfg.out_dir!r}: {folder} is a file, not a folder: choose another "
                     "out_dir"
                 )
-            if not os.access(folder, os.W_OK | os.X_OK):
+            try:  # a real probe: permissions, read-only mounts and root alike
+                tempfile.TemporaryDirectory(dir=folder, prefix=".tsquant-probe-").cleanup()
+            except OSError as exc:
                 raise ConfigError(
-                    f"out_dir={cfg.out_dir!r}: {folder} is not writable: choose an out_dir you "
-                    "can write to"
-                )
+                    f"out_dir={cfg.out_dir!r}: cannot write in {folder} ({exc.strerror}): "
+                    "choose an out_dir you can write to"
+                ) from None
             break
 
 

@@ -22,8 +22,14 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self._created_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held for the lock's lifetime)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")  # noqa: SIM115 (held for the lock's lifetime)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run folder {self.run_dir} ({exc.strerror}): choose an "
+                "out_dir you can write to"
+            ) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

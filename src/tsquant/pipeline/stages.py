@@ -32,6 +32,7 @@ from ..fileio import (
 )
 from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
+from ..report import results_table, write_report
 from ..surgery import (
     check_exportable,
     prepare_step1,
@@ -488,17 +489,6 @@ def stage_eval(ctx: Context) -> list[dict]:
     return rows
 
 
-def results_table(rows: list[dict]) -> str:
-    fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
-    lines = ["| method | weights | activations | top-1 (%) | vs FP |", "|---|---|---|---|---|"]
-    for r in rows:
-        delta = f"{r['top1'] - fp:+.2f}" if fp is not None else ""
-        lines.append(
-            f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['top1']:.2f} | {delta} |"
-        )
-    return "\n".join(lines)
-
-
 def final_stage(ctx: Context) -> str:
     """The stage holding the quantized model to deploy: finetune unless it was skipped."""
     if ctx.done("finetune") and not load_json(ctx.stage_dir("finetune") / "meta.json").get(
@@ -566,8 +556,6 @@ def stage_export(ctx: Context) -> dict:
 
 
 def stage_report(ctx: Context) -> Path:
-    from ..report import write_report
-
     return write_report(ctx)
 
 
