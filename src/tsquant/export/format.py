@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from .. import __version__
 from ..fileio import save_json, save_tensors, sha256_of
-from .graph import ExportError, build_graph, check_graph, quantized_nodes
+from .graph import ExportError, Node, build_graph, check_graph, quantized_nodes
 from .packing import PackingError, grid_bits, pack_codes, unpack_codes
 
 FORMAT = "tsquant-export"
@@ -34,6 +34,11 @@ class ExportedModel:
     @property
     def input_shape(self) -> list[int]:
         return self.manifest["input_shape"]
+
+    @property
+    def graph(self) -> list[Node]:
+        """The nodes, typed."""
+        return [Node.from_dict(n) for n in self.nodes]
 
 
 def export_model(

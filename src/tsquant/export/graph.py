@@ -12,6 +12,7 @@ activation quantizer), relu, add, maxpool, avgpool, global_avgpool, flatten, sli
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,36 @@ OPS = (
     "input conv qconv linear qlinear affine quantize relu add maxpool avgpool global_avgpool "
     "flatten slice pad output"
 ).split()
+
+
+@dataclass(frozen=True)
+class Node:
+    """One operation of the exported graph, as the backends (runtime, ONNX, card) read it; the
+    manifest stores it as a plain dict (:meth:`to_dict`)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: dict
+    tensors: dict  # role -> key in the export's tensors
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Node:
+        return cls(d["name"], d["op"], tuple(d["inputs"]), dict(d["attrs"]), dict(d["tensors"]))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "inputs": list(self.inputs),
+            "attrs": self.attrs,
+            "tensors": self.tensors,
+        }
+
+    def tensor(self, tensors: dict, role: str):
+        """The node's tensor in ``role`` (None when it has none, e.g. no bias)."""
+        key = self.tensors.get(role)
+        return None if key is None else tensors[key]
 
 
 def _pair(value) -> list[int]:
@@ -67,6 +98,129 @@ def _slice_attrs(index) -> list[list[int | None]]:
     return out
 
 
+# --- module -> op: one function per module type, in MODULE_OPS --------------------------------
+# Each returns (op, attrs, tensors by role), or None when the module is the identity in eval.
+
+
+def _qconv_op(m: QuantizedConv2d):
+    if m.groups != 1:
+        raise ExportError("grouped quantized convolutions are not exportable")
+    tensors = {"codes": m.weight_codes, "alpha": m.alpha, "bias": m.bias}
+    return "qconv", {**_conv_attrs(m), **_grid_attrs(m)}, tensors
+
+
+def _qlinear_op(m: QuantizedLinear):
+    return "qlinear", _grid_attrs(m), {"codes": m.weight_codes, "alpha": m.alpha, "bias": m.bias}
+
+
+def _conv_op(m: nn.Conv2d):
+    return "conv", _conv_attrs(m), {"weight": m.weight, "bias": m.bias}
+
+
+def _linear_op(m: nn.Linear):
+    return "linear", {}, {"weight": m.weight, "bias": m.bias}
+
+
+def _bn_op(m: nn.BatchNorm1d | nn.BatchNorm2d):
+    scale, shift = batchnorm_affine(m, dtype=torch.float64)
+    return "affine", {}, {"scale": scale, "shift": shift}
+
+
+def _quantizer_op(m: SparseQuantizer):
+    return "quantize", {"bits": m.bits, "eps": m.eps, "step": m.step}, {}
+
+
+def _maxpool_op(m: nn.MaxPool2d):
+    attrs = {
+        "kernel": _pair(m.kernel_size),
+        "stride": _pair(m.stride),
+        "padding": _pair(m.padding),
+        "dilation": _pair(m.dilation),
+        "ceil_mode": bool(m.ceil_mode),
+    }
+    return "maxpool", attrs, {}
+
+
+def _avgpool_op(m: nn.AvgPool2d):
+    if m.ceil_mode or m.divisor_override is not None:
+        return _unsupported(m)
+    attrs = {
+        "kernel": _pair(m.kernel_size),
+        "stride": _pair(m.stride),
+        "padding": _pair(m.padding),
+        "count_include_pad": bool(m.count_include_pad),
+    }
+    return "avgpool", attrs, {}
+
+
+def _adaptive_avgpool_op(m: nn.AdaptiveAvgPool2d):
+    return ("global_avgpool", {}, {}) if _pair(m.output_size) == [1, 1] else _unsupported(m)
+
+
+def _flatten_op(m: nn.Flatten):
+    return ("flatten", {"start_dim": int(m.start_dim)}, {}) if m.end_dim == -1 else _unsupported(m)
+
+
+def _unsupported(m: nn.Module):
+    raise ExportError(
+        f"({type(m).__name__}{m.extra_repr() and ': ' + m.extra_repr()}) is not exportable; "
+        "supported: Conv2d, Linear, BatchNorm, SparseQuantizer, ReLU, MaxPool2d, AvgPool2d, "
+        "AdaptiveAvgPool2d(1), Flatten, Identity, Dropout"
+    )
+
+
+MODULE_OPS = (  # in order: the quantized twins are subclasses of Conv2d / Linear
+    (QuantizedConv2d, _qconv_op),
+    (QuantizedLinear, _qlinear_op),
+    (nn.Conv2d, _conv_op),
+    (nn.Linear, _linear_op),
+    (nn.BatchNorm1d | nn.BatchNorm2d, _bn_op),
+    (SparseQuantizer, _quantizer_op),
+    (nn.ReLU, lambda m: ("relu", {}, {})),
+    (nn.Identity | nn.Dropout, lambda m: None),
+    (nn.MaxPool2d, _maxpool_op),
+    (nn.AvgPool2d, _avgpool_op),
+    (nn.AdaptiveAvgPool2d, _adaptive_avgpool_op),
+    (nn.Flatten, _flatten_op),
+)
+
+
+# --- function -> op: (fx node, reference to an input) -> (op, inputs, attrs) ---------------
+
+
+def _add_fn(node, ref):
+    return "add", [ref(a) for a in node.args[:2]], {}
+
+
+def _flatten_fn(node, ref):
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    if end != -1:
+        raise ExportError(f"{node.name}: torch.flatten with end_dim={end} is not exportable")
+    return "flatten", [ref(node.args[0])], {"start_dim": int(start)}
+
+
+def _slice_fn(node, ref):
+    return "slice", [ref(node.args[0])], {"slices": _slice_attrs(node.args[1])}
+
+
+def _pad_fn(node, ref):
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0):
+        raise ExportError(f"{node.name}: only zero constant padding is exportable")
+    return "pad", [ref(node.args[0])], {"pad": [int(p) for p in pad]}
+
+
+FUNCTION_OPS = {
+    **{add: _add_fn for add in ADDS},
+    torch.flatten: _flatten_fn,
+    operator.getitem: _slice_fn,
+    F.pad: _pad_fn,
+}
+
+
 def build_graph(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Walk a (quantized) model in eval mode and return (nodes, tensors)."""
     gm = trace(model)
@@ -79,14 +233,14 @@ def build_graph(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor]]:
             raise ExportError(f"operand {arg!r} is a constant: only tensor operands are exportable")
         return alias.get(arg.name, arg.name)
 
-    def add(node, op, inputs, attrs=None, **node_tensors):
-        entry = {"name": node.name, "op": op, "inputs": inputs, "attrs": attrs or {}, "tensors": {}}
-        for role, value in node_tensors.items():
+    def add(node, op, inputs, attrs=None, node_tensors=None):
+        entry = Node(node.name, op, tuple(inputs), attrs or {}, {})
+        for role, value in (node_tensors or {}).items():
             if value is not None:
                 key = f"{node.name}.{role}"
                 tensors[key] = value.detach().cpu().contiguous()
-                entry["tensors"][role] = key
-        nodes.append(entry)
+                entry.tensors[role] = key
+        nodes.append(entry.to_dict())
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -95,101 +249,19 @@ def build_graph(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor]]:
             add(node, "output", [ref(node.args[0])])
         elif node.op == "call_module":
             m = gm.get_submodule(node.target)
-            src = [ref(node.args[0])]
-            attrs = {"module": node.target}
-            if isinstance(m, QuantizedConv2d):
-                if m.groups != 1:
-                    raise ExportError(
-                        f"{node.target}: grouped quantized convolutions are not exportable"
-                    )
-                add(
-                    node,
-                    "qconv",
-                    src,
-                    {**attrs, **_conv_attrs(m), **_grid_attrs(m)},
-                    codes=m.weight_codes,
-                    alpha=m.alpha,
-                    bias=m.bias,
-                )
-            elif isinstance(m, QuantizedLinear):
-                add(
-                    node,
-                    "qlinear",
-                    src,
-                    {**attrs, **_grid_attrs(m)},
-                    codes=m.weight_codes,
-                    alpha=m.alpha,
-                    bias=m.bias,
-                )
-            elif isinstance(m, nn.Conv2d):
-                add(node, "conv", src, {**attrs, **_conv_attrs(m)}, weight=m.weight, bias=m.bias)
-            elif isinstance(m, nn.Linear):
-                add(node, "linear", src, attrs, weight=m.weight, bias=m.bias)
-            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                scale, shift = batchnorm_affine(m, dtype=torch.float64)
-                add(node, "affine", src, attrs, scale=scale, shift=shift)
-            elif isinstance(m, SparseQuantizer):
-                add(node, "quantize", src, {**attrs, "bits": m.bits, "eps": m.eps, "step": m.step})
-            elif isinstance(m, nn.ReLU):
-                add(node, "relu", src, attrs)
-            elif isinstance(m, nn.Identity | nn.Dropout):
-                alias[node.name] = src[0]
-            elif isinstance(m, nn.MaxPool2d):
-                add(
-                    node,
-                    "maxpool",
-                    src,
-                    {
-                        **attrs,
-                        "kernel": _pair(m.kernel_size),
-                        "stride": _pair(m.stride),
-                        "padding": _pair(m.padding),
-                        "dilation": _pair(m.dilation),
-                        "ceil_mode": bool(m.ceil_mode),
-                    },
-                )
-            elif isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None:
-                add(
-                    node,
-                    "avgpool",
-                    src,
-                    {
-                        **attrs,
-                        "kernel": _pair(m.kernel_size),
-                        "stride": _pair(m.stride),
-                        "padding": _pair(m.padding),
-                        "count_include_pad": bool(m.count_include_pad),
-                    },
-                )
-            elif isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == [1, 1]:
-                add(node, "global_avgpool", src, attrs)
-            elif isinstance(m, nn.Flatten) and m.end_dim == -1:
-                add(node, "flatten", src, {**attrs, "start_dim": int(m.start_dim)})
-            else:
-                raise ExportError(
-                    f"module {node.target} ({type(m).__name__}{m.extra_repr() and ': ' + m.extra_repr()}) "
-                    "is not exportable; supported: Conv2d, Linear, BatchNorm, SparseQuantizer, ReLU, "
-                    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, Identity, Dropout"
-                )
-        elif node.op == "call_function" and node.target in ADDS:
-            add(node, "add", [ref(a) for a in node.args[:2]])
-        elif node.op == "call_function" and node.target is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            if end != -1:
-                raise ExportError(
-                    f"{node.name}: torch.flatten with end_dim={end} is not exportable"
-                )
-            add(node, "flatten", [ref(node.args[0])], {"start_dim": int(start)})
-        elif node.op == "call_function" and node.target is operator.getitem:
-            add(node, "slice", [ref(node.args[0])], {"slices": _slice_attrs(node.args[1])})
-        elif node.op == "call_function" and node.target is F.pad:
-            pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-            mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-            value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-            if mode != "constant" or value not in (None, 0, 0.0):
-                raise ExportError(f"{node.name}: only zero constant padding is exportable")
-            add(node, "pad", [ref(node.args[0])], {"pad": [int(p) for p in pad]})
+            handler = next((h for kind, h in MODULE_OPS if isinstance(m, kind)), _unsupported)
+            try:
+                found = handler(m)
+            except ExportError as exc:
+                raise ExportError(f"module {node.target} {exc}") from None
+            if found is None:
+                alias[node.name] = ref(node.args[0])
+                continue
+            op, attrs, node_tensors = found
+            add(node, op, [ref(node.args[0])], {"module": node.target, **attrs}, node_tensors)
+        elif node.op == "call_function" and node.target in FUNCTION_OPS:
+            op, inputs, attrs = FUNCTION_OPS[node.target](node, ref)
+            add(node, op, inputs, attrs)
         else:
             target = getattr(node.target, "__name__", str(node.target))
             raise ExportError(

@@ -10,6 +10,7 @@ Requires the optional ``onnx`` package; the checks use ``onnxruntime``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch
 from ..fileio import atomic_write
 from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
-from .graph import ExportError
+from .graph import ExportError, Node
 from .runtime import integer_thresholds
 
 OPSET = 21
@@ -62,176 +63,222 @@ def _channel_shape(rank: int) -> list[int]:
     return [1, -1] + [1] * (rank - 2)
 
 
-def to_onnx(exported: ExportedModel, path: Path) -> Path:
-    """Write the ONNX model (input ``input`` float32 NCHW, output ``logits`` float64)."""
-    onnx = _onnx()
-    b = _Builder()
-    T = b.T
-    t = exported.tensors
-    # value: (kind, onnx name, rank, extra); kinds: codes (uint8, step), acc (int32, scale, offset),
-    # float (float64)
-    values: dict[str, tuple] = {}
+def _pads(a: dict) -> list[int]:
+    p = a["padding"]
+    return [p[0], p[1], p[0], p[1]]
 
-    def as_double(v) -> str:
-        kind, name, rank, extra = v
-        if kind == "float":
-            return name
-        x = b.cast(name, T.DOUBLE)
-        if kind == "codes":
-            return b.op("Mul", [x, b.const(np.float64(extra))])
-        scale, offset = (e.numpy().reshape(_channel_shape(rank)) for e in extra)
+
+class _Value(NamedTuple):
+    """An ONNX value and how to read it: kind "codes" (uint8, extra = step), "acc" (int32,
+    extra = (scale, offset) per channel) or "float" (float64)."""
+
+    kind: str
+    name: str
+    rank: int
+    extra: object = None
+
+
+class _Writer:
+    """Emits the ONNX nodes of an exported graph: one method per op, looked up in _EMIT."""
+
+    def __init__(self, exported: ExportedModel):
+        self.b = _Builder()
+        self.T = self.b.T
+        self.t = exported.tensors
+        self.input_rank = len(exported.input_shape) + 1
+
+    def double(self, v: _Value) -> str:
+        b = self.b
+        if v.kind == "float":
+            return v.name
+        x = b.cast(v.name, self.T.DOUBLE)
+        if v.kind == "codes":
+            return b.op("Mul", [x, b.const(np.float64(v.extra))])
+        scale, offset = (e.numpy().reshape(_channel_shape(v.rank)) for e in v.extra)
         return b.op("Add", [b.op("Mul", [x, b.const(scale, "scale")]), b.const(offset, "offset")])
 
-    def count_above(x: str, limits: np.ndarray) -> str:
+    def count_above(self, x: str, limits: np.ndarray) -> str:
         """Number of thresholds (axis 0 of limits) strictly below x, as uint8."""
+        b = self.b
         above = b.op(
             "Greater", [b.op("Unsqueeze", [x, b.const(np.array([0]))]), b.const(limits, "thr")]
         )
-        total = b.op("ReduceSum", [b.cast(above, T.INT32), b.const(np.array([0]))], keepdims=0)
-        return b.cast(total, T.UINT8)
+        total = b.op("ReduceSum", [b.cast(above, self.T.INT32), b.const(np.array([0]))], keepdims=0)
+        return b.cast(total, self.T.UINT8)
 
-    for node in exported.nodes:
-        op, a = node["op"], node["attrs"]
-        args = [values[i] for i in node["inputs"]]
-        tensor = {role: t[key] for role, key in node["tensors"].items()}
-        if op == "input":
-            out = ("float", b.cast("input", T.DOUBLE), len(exported.input_shape) + 1, None)
-        elif op == "output":
-            out = ("float", as_double(args[0]), args[0][2], None)
-        elif op in ("qconv", "qlinear") and args[0][0] == "codes":
-            codes = tensor["codes"].to(torch.int8).numpy()
-            alpha = tensor["alpha"].double()
-            bias = tensor.get("bias", torch.zeros_like(alpha)).double()
-            x = args[0][1]
-            if op == "qconv":
-                p = a["padding"]
-                acc = b.op(
-                    "ConvInteger",
-                    [x, b.const(codes, "wcodes")],
-                    strides=a["stride"],
-                    pads=[p[0], p[1], p[0], p[1]],
-                    dilations=a["dilation"],
-                )
-                rank = 4
-            else:
-                acc = b.op("MatMulInteger", [x, b.const(codes.T.copy(), "wcodes")])
-                rank = 2
-            out = ("acc", acc, rank, (alpha * args[0][3], bias))
-        elif op in ("conv", "qconv"):
-            if op == "qconv":
-                codes = tensor["codes"].double()
-                weight = codes * tensor["alpha"].double().reshape(-1, 1, 1, 1)
-            else:
-                weight = tensor["weight"]
-            inputs = [b.cast(as_double(args[0]), T.FLOAT), b.const(weight.float().numpy(), "w")]
-            if tensor.get("bias") is not None:
-                inputs.append(b.const(tensor["bias"].float().numpy(), "b"))
-            p = a["padding"]
+    # --- one method per op: (node, input values) -> output value --------------------------
+
+    def input(self, node: Node, args) -> _Value:
+        return _Value("float", self.b.cast("input", self.T.DOUBLE), self.input_rank)
+
+    def output(self, node: Node, args) -> _Value:
+        return _Value("float", self.double(args[0]), args[0].rank)
+
+    def qlayer(self, node: Node, args) -> _Value:
+        if args[0].kind != "codes":  # e.g. a quantized first layer on the FP image
+            return self.layer(node, args)
+        b, a = self.b, node.attrs
+        codes = node.tensor(self.t, "codes").to(torch.int8).numpy()
+        alpha = node.tensor(self.t, "alpha").double()
+        bias = node.tensor(self.t, "bias")
+        bias = torch.zeros_like(alpha) if bias is None else bias.double()
+        x = args[0].name
+        if node.op == "qconv":
+            inputs = [x, b.const(codes, "wcodes")]
+            acc = b.op(
+                "ConvInteger", inputs, strides=a["stride"], pads=_pads(a), dilations=a["dilation"]
+            )
+            rank = 4
+        else:
+            acc = b.op("MatMulInteger", [x, b.const(codes.T.copy(), "wcodes")])
+            rank = 2
+        return _Value("acc", acc, rank, (alpha * args[0].extra, bias))
+
+    def _float_weight(self, node: Node) -> torch.Tensor:
+        if node.op in ("qconv", "qlinear"):
+            codes = node.tensor(self.t, "codes").double()
+            alpha = node.tensor(self.t, "alpha").double()
+            return codes * alpha.reshape(-1, *([1] * (codes.dim() - 1)))
+        return node.tensor(self.t, "weight")
+
+    def layer(self, node: Node, args) -> _Value:
+        b, a, T = self.b, node.attrs, self.T
+        weight, bias = self._float_weight(node), node.tensor(self.t, "bias")
+        if node.op in ("conv", "qconv"):  # onnxruntime has no float64 Conv
+            inputs = [b.cast(self.double(args[0]), T.FLOAT), b.const(weight.float().numpy(), "w")]
+            if bias is not None:
+                inputs.append(b.const(bias.float().numpy(), "b"))
             y = b.op(
                 "Conv",
                 inputs,
                 strides=a["stride"],
-                pads=[p[0], p[1], p[0], p[1]],
+                pads=_pads(a),
                 dilations=a["dilation"],
                 group=a.get("groups", 1),
             )
-            out = ("float", b.cast(y, T.DOUBLE), 4, None)
-        elif op in ("linear", "qlinear"):
-            if op == "qlinear":
-                weight = tensor["codes"].double() * tensor["alpha"].double().reshape(-1, 1)
-            else:
-                weight = tensor["weight"].double()
-            y = b.op("MatMul", [as_double(args[0]), b.const(weight.numpy().T.copy(), "w")])
-            if tensor.get("bias") is not None:
-                y = b.op("Add", [y, b.const(tensor["bias"].double().numpy(), "b")])
-            out = ("float", y, 2, None)
-        elif op == "affine":
-            rank = args[0][2]
-            scale = tensor["scale"].double().numpy().reshape(_channel_shape(rank))
-            shift = tensor["shift"].double().numpy().reshape(_channel_shape(rank))
-            y = b.op("Add", [b.op("Mul", [as_double(args[0]), b.const(scale)]), b.const(shift)])
-            out = ("float", y, rank, None)
-        elif op == "quantize":
-            kind, name, rank, extra = args[0]
-            edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
-            if kind == "acc":
-                sign, limits = integer_thresholds(extra[0], extra[1], edges)
-                signed = b.op(
-                    "Mul",
-                    [b.cast(name, T.INT64), b.const(sign.numpy().reshape(_channel_shape(rank)))],
-                )
-                limits = limits.numpy().T.reshape([-1, 1, limits.shape[0]] + [1] * (rank - 2))
-                codes = count_above(signed, np.ascontiguousarray(limits))
-            else:
-                limits = edges.numpy().reshape([-1] + [1] * rank)
-                codes = count_above(as_double(args[0]), limits)
-            out = ("codes", codes, rank, a["step"])
-        elif op == "relu":
-            out = ("float", b.op("Relu", [as_double(args[0])]), args[0][2], None)
-        elif op == "add":
-            out = ("float", b.op("Add", [as_double(args[0]), as_double(args[1])]), args[0][2], None)
-        elif op == "maxpool":
-            kind, name, rank, extra = args[0]
-            source = name if kind == "codes" else as_double(args[0])
-            p = a["padding"]
-            y = b.op(
-                "MaxPool",
-                [source],
-                kernel_shape=a["kernel"],
-                strides=a["stride"],
-                pads=[p[0], p[1], p[0], p[1]],
-                dilations=a["dilation"],
-                ceil_mode=int(a["ceil_mode"]),
-            )
-            out = (
-                kind if kind == "codes" else "float",
-                y,
-                rank,
-                extra if kind == "codes" else None,
-            )
-        elif op == "global_avgpool":
-            y = b.op("ReduceMean", [as_double(args[0]), b.const(np.array([2, 3]))], keepdims=1)
-            out = ("float", y, 4, None)
-        elif op == "avgpool":
-            p = a["padding"]
-            y = b.op(
-                "AveragePool",
-                [b.cast(as_double(args[0]), T.FLOAT)],
-                kernel_shape=a["kernel"],
-                strides=a["stride"],
-                pads=[p[0], p[1], p[0], p[1]],
-                count_include_pad=int(a["count_include_pad"]),
-            )
-            out = ("float", b.cast(y, T.DOUBLE), 4, None)
-        elif op in ("flatten", "slice", "pad"):
-            kind, name, rank, extra = args[0]
-            if kind == "acc":
-                kind, name, extra = "float", as_double(args[0]), None
-            if op == "flatten":
-                if a["start_dim"] != 1:
-                    raise ExportError(f"{node['name']}: ONNX export supports flatten(x, 1) only")
-                name, rank = b.op("Flatten", [name], axis=1), 2
-            elif op == "slice":
-                starts = [s[0] or 0 for s in a["slices"]]
-                ends = [INT64_MAX if s[1] is None else s[1] for s in a["slices"]]
-                steps = [s[2] for s in a["slices"]]
-                axes = list(range(len(a["slices"])))
-                name = b.op(
-                    "Slice",
-                    [name]
-                    + [b.const(np.array(v, dtype=np.int64)) for v in (starts, ends, axes, steps)],
-                )
-            else:
-                pairs = [a["pad"][i : i + 2] for i in range(0, len(a["pad"]), 2)]  # last dim first
-                begin, end = [0] * rank, [0] * rank
-                for k, (lo, hi) in enumerate(pairs):
-                    begin[rank - 1 - k], end[rank - 1 - k] = lo, hi
-                name = b.op("Pad", [name, b.const(np.array(begin + end, dtype=np.int64))])
-            out = (kind, name, rank, extra)
+            return _Value("float", b.cast(y, T.DOUBLE), 4)
+        w = b.const(weight.double().numpy().T.copy(), "w")
+        y = b.op("MatMul", [self.double(args[0]), w])
+        if bias is not None:
+            y = b.op("Add", [y, b.const(bias.double().numpy(), "b")])
+        return _Value("float", y, 2)
+
+    def affine(self, node: Node, args) -> _Value:
+        b, rank = self.b, args[0].rank
+        scale = node.tensor(self.t, "scale").double().numpy().reshape(_channel_shape(rank))
+        shift = node.tensor(self.t, "shift").double().numpy().reshape(_channel_shape(rank))
+        y = b.op("Add", [b.op("Mul", [self.double(args[0]), b.const(scale)]), b.const(shift)])
+        return _Value("float", y, rank)
+
+    def quantize(self, node: Node, args) -> _Value:
+        b, a, x = self.b, node.attrs, args[0]
+        edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
+        if x.kind == "acc":
+            sign, limits = integer_thresholds(x.extra[0], x.extra[1], edges)
+            sign = b.const(sign.numpy().reshape(_channel_shape(x.rank)))
+            signed = b.op("Mul", [b.cast(x.name, self.T.INT64), sign])
+            limits = limits.numpy().T.reshape([-1, 1, limits.shape[0]] + [1] * (x.rank - 2))
+            codes = self.count_above(signed, np.ascontiguousarray(limits))
         else:
-            raise ExportError(f"op {op} of node {node['name']} has no ONNX encoding")
-        values[node["name"]] = out
-    b.nodes.append(b.h.make_node("Identity", [out[1]], ["logits"]))
+            limits = edges.numpy().reshape([-1] + [1] * x.rank)
+            codes = self.count_above(self.double(x), limits)
+        return _Value("codes", codes, x.rank, a["step"])
+
+    def relu(self, node: Node, args) -> _Value:
+        return _Value("float", self.b.op("Relu", [self.double(args[0])]), args[0].rank)
+
+    def add(self, node: Node, args) -> _Value:
+        y = self.b.op("Add", [self.double(args[0]), self.double(args[1])])
+        return _Value("float", y, args[0].rank)
+
+    def maxpool(self, node: Node, args) -> _Value:
+        a, x = node.attrs, args[0]
+        codes = x.kind == "codes"  # max commutes with the monotone code -> value map
+        y = self.b.op(
+            "MaxPool",
+            [x.name if codes else self.double(x)],
+            kernel_shape=a["kernel"],
+            strides=a["stride"],
+            pads=_pads(a),
+            dilations=a["dilation"],
+            ceil_mode=int(a["ceil_mode"]),
+        )
+        return _Value("codes", y, x.rank, x.extra) if codes else _Value("float", y, x.rank)
+
+    def global_avgpool(self, node: Node, args) -> _Value:
+        y = self.b.op("ReduceMean", [self.double(args[0]), self.b.const(np.array([2, 3]))])
+        return _Value("float", y, 4)
+
+    def avgpool(self, node: Node, args) -> _Value:
+        b, a, T = self.b, node.attrs, self.T
+        y = b.op(
+            "AveragePool",
+            [b.cast(self.double(args[0]), T.FLOAT)],
+            kernel_shape=a["kernel"],
+            strides=a["stride"],
+            pads=_pads(a),
+            count_include_pad=int(a["count_include_pad"]),
+        )
+        return _Value("float", b.cast(y, T.DOUBLE), 4)
+
+    def reshape(self, node: Node, args) -> _Value:
+        """flatten / slice / pad act on codes directly (zero code = zero value)."""
+        b, a, x = self.b, node.attrs, args[0]
+        if x.kind == "acc":
+            x = _Value("float", self.double(x), x.rank)
+        name, rank = x.name, x.rank
+        if node.op == "flatten":
+            if a["start_dim"] != 1:
+                raise ExportError(f"{node.name}: ONNX export supports flatten(x, 1) only")
+            name, rank = b.op("Flatten", [name], axis=1), 2
+        elif node.op == "slice":
+            starts = [s[0] or 0 for s in a["slices"]]
+            ends = [INT64_MAX if s[1] is None else s[1] for s in a["slices"]]
+            steps = [s[2] for s in a["slices"]]
+            axes = list(range(len(a["slices"])))
+            bounds = [b.const(np.array(v, dtype=np.int64)) for v in (starts, ends, axes, steps)]
+            name = b.op("Slice", [name, *bounds])
+        else:
+            pairs = [a["pad"][i : i + 2] for i in range(0, len(a["pad"]), 2)]  # last dim first
+            begin, end = [0] * rank, [0] * rank
+            for k, (lo, hi) in enumerate(pairs):
+                begin[rank - 1 - k], end[rank - 1 - k] = lo, hi
+            name = b.op("Pad", [name, b.const(np.array(begin + end, dtype=np.int64))])
+        return _Value(x.kind, name, rank, x.extra)
+
+
+_EMIT = {
+    "input": _Writer.input,
+    "output": _Writer.output,
+    "qconv": _Writer.qlayer,
+    "qlinear": _Writer.qlayer,
+    "conv": _Writer.layer,
+    "linear": _Writer.layer,
+    "affine": _Writer.affine,
+    "quantize": _Writer.quantize,
+    "relu": _Writer.relu,
+    "add": _Writer.add,
+    "maxpool": _Writer.maxpool,
+    "avgpool": _Writer.avgpool,
+    "global_avgpool": _Writer.global_avgpool,
+    "flatten": _Writer.reshape,
+    "slice": _Writer.reshape,
+    "pad": _Writer.reshape,
+}
+
+
+def to_onnx(exported: ExportedModel, path: Path) -> Path:
+    """Write the ONNX model (input ``input`` float32 NCHW, output ``logits`` float64)."""
+    onnx = _onnx()
+    writer = _Writer(exported)
+    b, T = writer.b, writer.T
+    values: dict[str, _Value] = {}
+    for node in exported.graph:
+        emit = _EMIT.get(node.op)
+        if emit is None:
+            raise ExportError(f"op {node.op} of node {node.name} has no ONNX encoding")
+        values[node.name] = out = emit(writer, node, [values[i] for i in node.inputs])
+    b.nodes.append(b.h.make_node("Identity", [out.name], ["logits"]))
     graph = b.h.make_graph(
         b.nodes,
         "tsquant",

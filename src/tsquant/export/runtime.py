@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
-from .graph import ExportError
+from .graph import ExportError, Node
 
 INT32_MAX = 2**31 - 1
 
@@ -78,43 +78,49 @@ def integer_thresholds(scale, offset, edges) -> tuple[torch.Tensor, torch.Tensor
 
 
 class IntegerRuntime:
-    """Executes an :class:`ExportedModel` with integer arithmetic in the quantized layers."""
+    """Executes an :class:`ExportedModel` with integer arithmetic in the quantized layers.
+
+    Each op is one method, looked up in :data:`_RUN` by the node's op."""
 
     def __init__(self, exported: ExportedModel):
         self.exported = exported
-        self.nodes = exported.nodes
+        self.graph = exported.graph
         self.t = exported.tensors
         self._weights = {}  # node name -> int32 weight matrix: (O, K) conv, (K, O) linear
-        for node in self.nodes:
-            if node["op"] in ("qconv", "qlinear"):
-                codes = self.t[node["tensors"]["codes"]]
+        for node in self.graph:
+            if node.op in ("qconv", "qlinear"):
+                codes = node.tensor(self.t, "codes")
                 matrix = codes.reshape(codes.shape[0], -1).to(torch.int32)
-                a = node["attrs"]
+                a = node.attrs
                 bound = matrix.shape[1] * max(abs(a["low"]), abs(a["high"])) * 255
                 if bound > INT32_MAX:
-                    raise ExportError(f"{node['name']}: int32 accumulator could overflow ({bound})")
-                self._weights[node["name"]] = (
-                    matrix if node["op"] == "qconv" else matrix.t().contiguous()
-                )
+                    raise ExportError(f"{node.name}: int32 accumulator could overflow ({bound})")
+                self._weights[node.name] = matrix if node.op == "qconv" else matrix.t().contiguous()
 
-    def _tensor(self, node, role):
-        key = node["tensors"].get(role)
-        return None if key is None else self.t[key]
+    def _double(self, node: Node, role: str):
+        value = node.tensor(self.t, role)
+        return None if value is None else value.double()
 
-    def _qlayer(self, node, x):
-        alpha = self._tensor(node, "alpha").double()
-        bias = self._tensor(node, "bias")
-        bias = torch.zeros_like(alpha) if bias is None else bias.double()
-        w = self._weights[node["name"]]
+    # --- one method per op: (node, input values) -> output value --------------------------
+
+    def _output(self, node: Node, args):
+        return to_float(args[0])
+
+    def _qlayer(self, node: Node, args):
+        x = args[0]
+        alpha = self._double(node, "alpha")
+        bias = self._double(node, "bias")
+        bias = torch.zeros_like(alpha) if bias is None else bias
         if not isinstance(x, Codes):  # e.g. a quantized first layer on the FP image
-            codes = self.t[node["tensors"]["codes"]].double()
+            codes = self._double(node, "codes")
             weight = codes * alpha.reshape(-1, *([1] * (codes.dim() - 1)))
             return self._float_layer(node, to_float(x), weight, bias)
-        if node["op"] == "qlinear":
+        w = self._weights[node.name]
+        if node.op == "qlinear":
             acc = x.codes.to(torch.int32) @ w
         else:
-            a = node["attrs"]
-            kernel = list(self.t[node["tensors"]["codes"]].shape[2:])
+            a = node.attrs
+            kernel = list(node.tensor(self.t, "codes").shape[2:])
             cols = im2col(x.codes, kernel, a["stride"], a["padding"], a["dilation"])
             n, _, h, width = x.codes.shape
             oh, ow = (
@@ -126,16 +132,25 @@ class IntegerRuntime:
             acc = (w @ cols).reshape(n, -1, oh, ow)  # int32 (O, K) @ (N, K, L)
         return Accumulator(acc.contiguous(), alpha * x.step, bias)
 
-    def _float_layer(self, node, x, weight, bias):
-        if node["op"] in ("conv", "qconv"):
-            a = node["attrs"]
+    def _float_layer(self, node: Node, x, weight, bias):
+        if node.op in ("conv", "qconv"):
+            a = node.attrs
             return F.conv2d(
                 x, weight, bias, a["stride"], a["padding"], a["dilation"], a.get("groups", 1)
             )
         return F.linear(x, weight, bias)
 
-    def _quantize(self, node, x):
-        a = node["attrs"]
+    def _layer(self, node: Node, args):
+        weight, bias = self._double(node, "weight"), self._double(node, "bias")
+        return self._float_layer(node, to_float(args[0]), weight, bias)
+
+    def _affine(self, node: Node, args):
+        v = to_float(args[0])
+        scale, shift = self._double(node, "scale"), self._double(node, "shift")
+        return v * _channel_view(scale, v.dim()) + _channel_view(shift, v.dim())
+
+    def _quantize(self, node: Node, args):
+        x, a = args[0], node.attrs
         edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
         if isinstance(x, Accumulator):
             sign, limits = integer_thresholds(x.scale, x.offset, edges)
@@ -148,35 +163,40 @@ class IntegerRuntime:
         codes = torch.bucketize(to_float(x).contiguous(), edges, right=False).to(torch.int32)
         return Codes(codes, a["step"])
 
-    def _pool(self, node, x):
-        a = node["attrs"]
-        if node["op"] == "maxpool":  # max commutes with the monotone code -> value map
-            pooled = F.max_pool2d(
-                (x.codes if isinstance(x, Codes) else to_float(x)).double(),
-                a["kernel"],
-                a["stride"],
-                a["padding"],
-                a["dilation"],
-                a["ceil_mode"],
-            )
-            return Codes(pooled.to(torch.int32), x.step) if isinstance(x, Codes) else pooled
-        if node["op"] == "global_avgpool":
-            return to_float(x).mean(dim=(2, 3), keepdim=True)
+    def _relu(self, node: Node, args):
+        return torch.relu(to_float(args[0]))
+
+    def _add(self, node: Node, args):
+        return to_float(args[0]) + to_float(args[1])
+
+    def _maxpool(self, node: Node, args):  # max commutes with the monotone code -> value map
+        x, a = args[0], node.attrs
+        data = (x.codes if isinstance(x, Codes) else to_float(x)).double()
+        pooled = F.max_pool2d(
+            data, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+        )
+        return Codes(pooled.to(torch.int32), x.step) if isinstance(x, Codes) else pooled
+
+    def _avgpool(self, node: Node, args):
+        a = node.attrs
         return F.avg_pool2d(
-            to_float(x),
+            to_float(args[0]),
             a["kernel"],
             a["stride"],
             a["padding"],
             count_include_pad=a["count_include_pad"],
         )
 
-    def _reshape(self, node, x):
+    def _global_avgpool(self, node: Node, args):
+        return to_float(args[0]).mean(dim=(2, 3), keepdim=True)
+
+    def _reshape(self, node: Node, args):
         """flatten / slice / pad act on codes directly (zero code = zero value)."""
+        x, a = args[0], node.attrs
         data = x.codes if isinstance(x, Codes) else to_float(x)
-        a = node["attrs"]
-        if node["op"] == "flatten":
+        if node.op == "flatten":
             data = torch.flatten(data, a["start_dim"])
-        elif node["op"] == "slice":
+        elif node.op == "slice":
             data = data[tuple(slice(*s) for s in a["slices"])]
         else:
             data = F.pad(data, a["pad"])
@@ -192,66 +212,49 @@ class IntegerRuntime:
             )
         values: dict[str, object] = {}
         kept: dict[str, torch.Tensor] = {}
-        for node in self.nodes:
-            op = node["op"]
-            args = [values[i] for i in node["inputs"]]
-            if op == "input":
-                out = x.double()
-            elif op == "output":
-                out = to_float(args[0])
-            elif op in ("qconv", "qlinear"):
-                out = self._qlayer(node, args[0])
-            elif op in ("conv", "linear"):
-                out = self._float_layer(
-                    node,
-                    to_float(args[0]),
-                    self._tensor(node, "weight").double(),
-                    None
-                    if self._tensor(node, "bias") is None
-                    else self._tensor(node, "bias").double(),
-                )
-            elif op == "affine":
-                v = to_float(args[0])
-                scale, shift = (
-                    self._tensor(node, "scale").double(),
-                    self._tensor(node, "shift").double(),
-                )
-                out = v * _channel_view(scale, v.dim()) + _channel_view(shift, v.dim())
-            elif op == "quantize":
-                out = self._quantize(node, args[0])
-                if keep:
-                    kept[node["attrs"].get("module", node["name"])] = out.codes
-            elif op == "relu":
-                out = torch.relu(to_float(args[0]))
-            elif op == "add":
-                out = to_float(args[0]) + to_float(args[1])
-            elif op in ("maxpool", "avgpool", "global_avgpool"):
-                out = self._pool(node, args[0])
-            elif op in ("flatten", "slice", "pad"):
-                out = self._reshape(node, args[0])
-            else:  # check_graph has rejected unknown ops already
-                raise ExportError(f"unknown op {op}")
-            values[node["name"]] = out
+        for node in self.graph:
+            args = [values[i] for i in node.inputs]
+            out = x.double() if node.op == "input" else _RUN[node.op](self, node, args)
+            if keep and node.op == "quantize":
+                kept[node.attrs.get("module", node.name)] = out.codes
+            values[node.name] = out
             if shapes is not None:
                 data = out.codes if isinstance(out, Codes) else getattr(out, "acc", out)
-                shapes[node["name"]] = list(data.shape[1:])
+                shapes[node.name] = list(data.shape[1:])
         return (out, kept) if keep else out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).argmax(dim=1)
 
 
+_RUN = {  # op -> IntegerRuntime method; check_graph has refused any other op
+    "output": IntegerRuntime._output,
+    "qconv": IntegerRuntime._qlayer,
+    "qlinear": IntegerRuntime._qlayer,
+    "conv": IntegerRuntime._layer,
+    "linear": IntegerRuntime._layer,
+    "affine": IntegerRuntime._affine,
+    "quantize": IntegerRuntime._quantize,
+    "relu": IntegerRuntime._relu,
+    "add": IntegerRuntime._add,
+    "maxpool": IntegerRuntime._maxpool,
+    "avgpool": IntegerRuntime._avgpool,
+    "global_avgpool": IntegerRuntime._global_avgpool,
+    "flatten": IntegerRuntime._reshape,
+    "slice": IntegerRuntime._reshape,
+    "pad": IntegerRuntime._reshape,
+}
+
+
 def multiplications(exported: ExportedModel) -> dict[str, int]:
     """Per-sample multiply-accumulates of each weight layer, from the graph's shapes."""
     shapes = _output_shapes(exported)
     out = {}
-    for node in exported.nodes:
-        if node["op"] in ("conv", "qconv", "linear", "qlinear"):
-            weight = exported.tensors[
-                node["tensors"]["codes" if node["op"][0] == "q" else "weight"]
-            ]
+    for node in exported.graph:
+        if node.op in ("conv", "qconv", "linear", "qlinear"):
+            weight = node.tensor(exported.tensors, "codes" if node.op[0] == "q" else "weight")
             fan_in = math.prod(weight.shape[1:])
-            out[node["name"]] = fan_in * math.prod(shapes[node["name"]])
+            out[node.name] = fan_in * math.prod(shapes[node.name])
     return out
 
 
