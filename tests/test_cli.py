@@ -137,3 +137,16 @@ def test_run_on_a_users_model_given_as_module_factory(tmp_path, tiny_run_args, m
         fresh = ["--set", "name=fresh", "--set", f"model.name={spec}"]
         assert main(["run", *tiny_run_args, *fresh]) == 2
         assert fragment in capsys.readouterr().err
+
+
+def test_run_with_per_layer_weight_formats(tmp_path, tiny_run_args):
+    formats = ["--set", 'transform.layer_formats={"conv3*": 2}', "--set", "finetune.epochs=0"]
+    assert main(["run", *tiny_run_args, *formats]) == 0
+    run = tmp_path / "runs" / "tiny"
+    rows = {r["method"]: r for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
+    assert rows["tsq"]["w_bits"] == "mixed (2, ternary)"
+    card = json.loads((run / "export" / "card.json").read_text())
+    grids = {layer["name"]: layer["grid"] for layer in card["layers"]}
+    assert grids["conv3.conv"] == "2bit" and grids["conv2.conv"] == "ternary"
+    verified = json.loads((run / "export" / "verify.json").read_text())
+    assert verified["int_vs_fakequant64_disagreements"] == 0

@@ -285,8 +285,42 @@ def test_step2_methods_are_a_registry_and_transform_records_its_plan():
         step1 = tsquant.prepare_step1(build_model("small_cnn", num_classes=10)).eval()
         model_q = tsquant.transform(step1, [], TransformConfig(method="otwa_twice", verbose=False))
         plan = step2_plan(model_q)
-        assert plan == {"method": "otwa_twice", "weight_bits": "ternary", "layers": calls}
+        formats = dict.fromkeys(calls, "ternary")
+        assert plan == {
+            "method": "otwa_twice",
+            "weight_bits": "ternary",
+            "layers": calls,
+            "formats": formats,
+        }
         assert calls == ["conv2.conv", "conv3.conv", "conv4.conv"]
         assert step2_plan(copy.deepcopy(model_q)) == plan  # kept with the model
     finally:
         del STEP2_METHODS["otwa_twice"]
+
+
+def test_per_layer_weight_formats_by_pattern_or_function(tmp_path):
+    from tsquant.transform import step2_plan
+
+    loader = calibration((8, 1, 12, 12), batches=2, seed=4)
+    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    by_pattern = {"conv3*": 2, "conv4.conv": "narrow:3"}
+    by_function = {"conv3.conv": 2, "conv4.conv": "narrow:3"}.get
+    for formats in (by_pattern, by_function):
+        cfg = TransformConfig(iters=2, positions_per_image=8, verbose=False, layer_formats=formats)
+        model_q = tsquant.transform(step1, loader, cfg)
+        codes = {
+            n: set(m.weight_codes.unique().tolist()) for n, m in quantized_layers(model_q).items()
+        }
+        assert codes["conv2.conv"] <= {-1, 0, 1}
+        assert codes["conv3.conv"] <= {-3, -1, 1, 3} and 0 not in codes["conv3.conv"]
+        assert codes["conv4.conv"] <= {-3, -2, -1, 0, 1, 2, 3}
+        plan = step2_plan(model_q)["formats"]
+        assert plan == {"conv2.conv": "ternary", "conv3.conv": 2, "conv4.conv": "narrow:3"}
+    tsquant.save(model_q, tmp_path / "mixed", architecture=None)
+    loaded = tsquant.load(
+        tmp_path / "mixed", model=build_model("small_cnn", in_channels=1, image_size=12, width=4)
+    )
+    with torch.no_grad():
+        assert torch.equal(loaded(loader[0][0]), model_q(loader[0][0]))
+    with pytest.raises(ValueError, match=r"layer_formats\['conv\*'\]"):
+        TransformConfig(layer_formats={"conv*": "binary"})

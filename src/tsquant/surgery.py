@@ -412,7 +412,8 @@ def check_weights_on_grid(model: nn.Module) -> bool:
 
 def quantized_skeleton(step1_model: nn.Module, layer_names: list[str], grid) -> nn.Module:
     """The structure of a transformed model (for loading its checkpoint): the named layers
-    become quantized layers and their BNs Identity, exactly as :func:`write_back` leaves them."""
+    become quantized layers and their BNs Identity, exactly as :func:`write_back` leaves them.
+    ``grid``: one weight format for all, or {layer name: format}."""
     model = copy.deepcopy(step1_model)
     by_name = {layer.name: layer for layer in analyse(model)}
     unknown = [n for n in layer_names if n not in by_name]
@@ -425,7 +426,8 @@ def quantized_skeleton(step1_model: nn.Module, layer_names: list[str], grid) -> 
         module = model.get_submodule(name)
         c = module.weight.shape[0]
         zeros = torch.zeros_like(module.weight).reshape(c, -1)
-        write_back(model, by_name[name], zeros, torch.ones(c), torch.zeros(c), grid)
+        layer_grid = grid[name] if isinstance(grid, dict) else grid
+        write_back(model, by_name[name], zeros, torch.ones(c), torch.zeros(c), layer_grid)
     return model
 
 

@@ -9,9 +9,10 @@ at a time; forward passes stop as soon as the layer's tensors are captured.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -46,6 +47,10 @@ class TransformConfig:
     """Options of step 2 over a model; every field has a default (see README, "Step 2")."""
 
     weight_bits: str | int = "ternary"
+    # per-layer weight formats: {layer-name pattern (fnmatch): format}, the first matching
+    # pattern wins; or a function layer name -> format (None: weight_bits). torchao's
+    # filter_fn / per-module config, for mixed precision
+    layer_formats: dict | Callable[[str], str | int | None] | None = None
     # "tsq": the step-2 solver; "otwa": each layer's BN-folded step-1 weights quantized directly
     # per channel (OTWA for ternary), no data: the HWGQ-style baseline without step 2;
     # "adaround": learned rounding on the same captured problem (tsquant.baselines.adaround)
@@ -90,6 +95,17 @@ class TransformConfig:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         WeightGrid.from_spec(self.weight_bits)
+        if isinstance(self.layer_formats, dict):
+            for pattern, spec in self.layer_formats.items():
+                try:
+                    WeightGrid.from_spec(spec)
+                except ValueError as exc:
+                    raise ValueError(f"layer_formats[{pattern!r}]: {exc}") from None
+        elif self.layer_formats is not None and not callable(self.layer_formats):
+            raise ValueError(
+                "layer_formats must be a dict {layer-name pattern: format} or a function of the "
+                f"layer name, got {type(self.layer_formats).__name__}"
+            )
         defaults = SolverConfig()
         merged = asdict(self.solver)
         grid, solver_grid = WeightGrid.from_spec(self.weight_bits), merged["weight_bits"]
@@ -121,6 +137,23 @@ def _target_kind(step1: nn.Module, layer: Layer) -> str:
     return "pre" if layer.bn else "out"
 
 
+def layer_format(cfg: TransformConfig, name: str) -> str | int:
+    """The weight format of layer ``name``: its layer_formats entry, else weight_bits."""
+    chosen = None
+    if callable(cfg.layer_formats):
+        chosen = cfg.layer_formats(name)
+    elif cfg.layer_formats:
+        chosen = next(
+            (
+                spec
+                for pattern, spec in cfg.layer_formats.items()
+                if fnmatch.fnmatchcase(name, pattern)
+            ),
+            None,
+        )
+    return cfg.weight_bits if chosen is None else chosen
+
+
 @dataclass
 class LayerTask:
     """One layer's step-2 problem as a method sees it (TSQ-METHOD.md, "Step 2").
@@ -132,6 +165,7 @@ class LayerTask:
     layer: Layer
     init: torch.Tensor
     bias: torch.Tensor
+    weight_bits: str | int  # the layer's format (layer_formats, else weight_bits)
     grid: WeightGrid
     config: TransformConfig
     quantizer: SparseQuantizer | None = None
@@ -163,6 +197,7 @@ def register_step2_method(name: str, needs_data: bool = True):
 @register_step2_method("tsq")
 def _solve_tsq(task: LayerTask) -> LayerSolution:
     """The step-2 solver: coded layers by the alternation, linear targets by least squares."""
+    solver = replace(task.config.solver, weight_bits=task.weight_bits)
     if task.quantizer is not None:
         return solve_layer(
             task.X,
@@ -171,11 +206,9 @@ def _solve_tsq(task: LayerTask) -> LayerSolution:
             init=task.init,
             bias=task.bias,
             offset=task.offset,
-            config=task.config.solver,
+            config=solver,
         )
-    return solve_linear_layer(
-        task.X, task.Y, init=task.init, bias=task.bias, config=task.config.solver
-    )
+    return solve_linear_layer(task.X, task.Y, init=task.init, bias=task.bias, config=solver)
 
 
 @register_step2_method("adaround")
@@ -187,7 +220,7 @@ def _solve_adaround(task: LayerTask) -> LayerSolution:
         task.Y,
         task.quantizer,
         task.init,
-        cfg.weight_bits,
+        task.weight_bits,
         bias=task.bias,
         offset=task.offset,
         config=AdaRoundConfig(iters=cfg.adaround_iters, seed=cfg.seed),
@@ -243,7 +276,7 @@ def transform(
         quantized = copy.deepcopy(step1).eval()
         layers = analyse(step1)
         todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
-        grid = WeightGrid.from_spec(cfg.weight_bits)
+        formats = {layer.name: layer_format(cfg, layer.name) for layer in todo}
         total = time.perf_counter()
         kinds = [_target_kind(step1, layer) for layer in todo]
         code_targets: dict[int, RowStore] = {}
@@ -259,7 +292,8 @@ def transform(
             weight = step1.get_submodule(layer.name).weight.detach()
             scale, shift = bn_affine(step1, layer)
             init = weight.reshape(weight.shape[0], -1) * scale[:, None]
-            task = LayerTask(layer, init, shift, grid, cfg)
+            grid = WeightGrid.from_spec(formats[layer.name])
+            task = LayerTask(layer, init, shift, formats[layer.name], grid, cfg)
             if not method.needs_data:
                 sol = method.solve(task)
                 write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
@@ -329,11 +363,13 @@ def transform(
             "method": cfg.method,
             "weight_bits": cfg.weight_bits,
             "layers": [x.name for x in todo],
+            "formats": formats,
         }
         set_record(quantized, "tsquant_step2", plan)
         return quantized
 
 
 def step2_plan(model: nn.Module) -> dict | None:
-    """What :func:`transform` did to make ``model``: {"method", "weight_bits", "layers"}."""
+    """What :func:`transform` did to make ``model``: {"method", "weight_bits", "layers",
+    "formats" (layer -> weight format)}."""
     return get_record(model, "tsquant_step2")

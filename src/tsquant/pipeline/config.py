@@ -145,6 +145,11 @@ class TransformStageConfig:
         "allocations of this many MB or more are returned to the OS when freed (glibc; 0: off; "
         "4 lowers peak memory about 10-15 % and doubles step-2 time)",
     )
+    layer_formats: dict = opt(
+        {},
+        "per-layer weight formats, {layer-name pattern: format} (fnmatch, first match wins), "
+        "e.g. {'layer3.*': 2}; other layers use weight_bits",
+    )
     first_layer: str = opt("fp", "first layer: fp or quantize")
     last_layer: str = opt("fp", "last layer: fp or quantize")
 
@@ -389,10 +394,15 @@ def validate(config, prefix: str = "") -> None:
     if hasattr(config, "weight_bits"):
         from ..quantizers.weight import WeightGrid
 
-        try:
-            WeightGrid.from_spec(config.weight_bits)
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}weight_bits: {exc}") from None
+        specs = {"weight_bits": config.weight_bits}
+        specs |= {
+            f"layer_formats[{k!r}]": v for k, v in getattr(config, "layer_formats", {}).items()
+        }
+        for where, spec in specs.items():
+            try:
+                WeightGrid.from_spec(yaml.safe_load(spec) if isinstance(spec, str) else spec)
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}{where}: {exc}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

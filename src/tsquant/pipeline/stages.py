@@ -223,7 +223,8 @@ class Context:
                 "(or `tsquant run`) first"
             )
         meta = load_json(self.stage_dir("transform") / "meta.json")
-        return quantized_skeleton(self.step1_model(), meta["quantized_layers"], meta["weight_bits"])
+        grids = meta.get("layer_formats") or meta["weight_bits"]
+        return quantized_skeleton(self.step1_model(), meta["quantized_layers"], grids)
 
     def transform_config(self, **overrides) -> TransformConfig:
         """Step-2 options of this run (the transform section, seed and device) + overrides.
@@ -427,6 +428,7 @@ def stage_transform(ctx: Context) -> None:
             "wall_s": wall,
             "layers": rows,
             "quantized_layers": step2_plan(model)["layers"],
+            "layer_formats": step2_plan(model)["formats"],
             "weight_bits": t.weight_bits,
         },
     )
@@ -472,9 +474,7 @@ def stage_eval(ctx: Context) -> list[dict]:
                 "test_images": len(ds),
                 "dataset": ds.title or ds.name,
                 "model": made_with["model"]["name"],
-                "w_bits": "fp"
-                if method in ("fp", "step1")
-                else made_with["transform"]["weight_bits"],
+                "w_bits": "fp" if method in ("fp", "step1") else _weight_label(ctx),
                 "a_bits": "fp" if method == "fp" else made_with["codes"]["bits"],
                 "eps": made_with["codes"]["eps"] if method != "fp" else None,
                 "seed": made_with["seed"],
@@ -487,6 +487,16 @@ def stage_eval(ctx: Context) -> list[dict]:
     save_json(ctx.stage_dir("eval") / "results.json", {"rows": rows})
     save_json(ctx.stage_dir("eval") / "meta.json", {"stage": "eval", "rows": rows})
     return rows
+
+
+def _weight_label(ctx: Context) -> str | int:
+    """The transform stage's weight format, or 'mixed' (with the formats) when layers differ."""
+    meta = load_json(ctx.stage_dir("transform") / "meta.json")
+    formats = meta.get("layer_formats") or {}
+    kinds = sorted({str(f) for f in formats.values()})
+    if len(kinds) > 1:
+        return "mixed (" + ", ".join(kinds) + ")"
+    return meta["weight_bits"] if not kinds else formats[next(iter(formats))]
 
 
 def final_stage(ctx: Context) -> str:
