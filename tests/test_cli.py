@@ -150,3 +150,16 @@ def test_run_with_per_layer_weight_formats(tmp_path, tiny_run_args):
     assert grids["conv3.conv"] == "2bit" and grids["conv2.conv"] == "ternary"
     verified = json.loads((run / "export" / "verify.json").read_text())
     assert verified["int_vs_fakequant64_disagreements"] == 0
+
+
+def test_run_with_int8_boundary_layers(tmp_path, tiny_run_args):
+    boundary = ["--set", "transform.first_layer=int8", "--set", "transform.last_layer=int8"]
+    assert main(["run", *tiny_run_args, *boundary]) == 0
+    run = tmp_path / "runs" / "tiny"
+    card = json.loads((run / "export" / "card.json").read_text())
+    assert {layer["grid"] for layer in card["layers"]} == {"ternary", "narrow:8"}
+    assert card["quantized_weight_fraction"] == 1.0  # no FP32 layer left
+    verified = json.loads((run / "export" / "verify.json").read_text())
+    assert verified["int_vs_fakequant64_disagreements"] == 0
+    assert verified["onnx_vs_int_disagreements"] == 0
+    assert verified["int_top1"] == verified["torch64_top1"]

@@ -5,7 +5,14 @@ Step 2 (transformation-function learning): :func:`solve_layer` for one layer and
 :func:`transform` for a whole model.
 """
 
-from .quantizers import QuantizedConv2d, QuantizedLinear, SparseQuantizer, WeightGrid, ternarize
+from .quantizers import (
+    InputQuantizer,
+    QuantizedConv2d,
+    QuantizedLinear,
+    SparseQuantizer,
+    WeightGrid,
+    ternarize,
+)
 from .serialization import load, save
 from .solver import LayerSolution, SolverConfig, solve_layer
 from .surgery import SurgeryError, analyse, prepare_step1
@@ -14,6 +21,7 @@ from .transform import TransformConfig, transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "InputQuantizer",
     "LayerSolution",
     "QuantizedConv2d",
     "QuantizedLinear",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizers.activation import SparseQuantizer
-from .quantizers.modules import QuantizedConv2d, QuantizedLinear
+from .quantizers.modules import InputQuantizer, QuantizedConv2d, QuantizedLinear
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -43,7 +43,7 @@ PASS_THROUGH = (
     nn.Dropout,
 )
 SUPPORTED = WEIGHT_LAYERS + BATCH_NORMS + ACTIVATIONS + PASS_THROUGH
-LEAVES = SUPPORTED + (QuantizedConv2d, QuantizedLinear)
+LEAVES = SUPPORTED + (QuantizedConv2d, QuantizedLinear, InputQuantizer)
 
 RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 RELU_METHODS = ("relu", "relu_")

@@ -24,7 +24,7 @@ from .fileio import (
 )
 from .quantizers.modules import QuantizedConv2d, QuantizedLinear
 from .quantizers.weight import WeightGrid
-from .surgery import analyse, get_record, prepare_step1, write_back
+from .surgery import analyse, apply_boundary, get_record, prepare_step1, write_back
 
 FORMAT = "tsquant-model"
 TENSOR_FILE = "model.safetensors"
@@ -52,11 +52,14 @@ def save(model: nn.Module, path: str | Path, architecture: dict | None = None) -
     }
     folder = Path(path)
     save_tensors(folder / TENSOR_FILE, model.state_dict(), {"format": FORMAT})
+    plan = get_record(model, "tsquant_step2") or {}
     structure = {
         "format": FORMAT,
         "architecture": architecture,
         "prepare_step1": options,
         "quantized_layers": quantized,
+        "input_quantizer": bool(plan.get("input_quantizer")),
+        "head_inputs": list(plan.get("head_inputs", [])),
         "tensor_sha256": sha256_of(folder / TENSOR_FILE),
     }
     save_json(folder / STRUCTURE_FILE, structure)
@@ -112,6 +115,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         zeros = torch.zeros(c, module.weight[0].numel())
         grid = WeightGrid.from_bounds(*bounds)
         write_back(built, layers[name], zeros, torch.ones(c), torch.zeros(c), grid)
+    built = apply_boundary(
+        built, structure.get("input_quantizer", False), structure.get("head_inputs", [])
+    )
     load_model_weights(built, tensor_path)
     return built.eval()
 

@@ -29,7 +29,7 @@ from .normalise import (
     trace,
 )
 from .quantizers.activation import SparseQuantizer
-from .quantizers.modules import QuantizedConv2d, QuantizedLinear
+from .quantizers.modules import InputQuantizer, QuantizedConv2d, QuantizedLinear
 
 UNSUPPORTED_FUNCTIONS = {
     "relu",
@@ -207,7 +207,7 @@ def _head_input_activations(model: nn.Module, layers: list[Layer]) -> set[str]:
     return found
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -277,9 +277,9 @@ def prepare_step1(
             continue
         bn = prepared.get_submodule(layer.bn)
         if bn.affine and affine_bn == "fold":
-            _set_module(prepared, layer.bn, _fold_affine_bn(prepared.get_submodule(layer.name), bn))
+            set_module(prepared, layer.bn, _fold_affine_bn(prepared.get_submodule(layer.name), bn))
         if layer.activation is not None and layer.activation not in keep_fp:
-            _set_module(
+            set_module(
                 prepared, layer.activation, SparseQuantizer.from_gaussian(bits=bits, eps=eps)
             )
     # what tsquant.save records to rebuild this structure
@@ -329,11 +329,44 @@ def swap_for_qat(
     layers = analyse(model)
     keep_fp = _head_input_activations(model, layers) if keep_head_input_fp else set()
     for layer in quantizable_layers(layers, first_layer, last_layer):
-        _set_module(model, layer.name, weight_factory(model.get_submodule(layer.name)))
+        set_module(model, layer.name, weight_factory(model.get_submodule(layer.name)))
     for layer in layers:
         if layer.activation is not None and layer.activation not in keep_fp:
-            _set_module(model, layer.activation, activation_factory())
+            set_module(model, layer.activation, activation_factory())
     return model
+
+
+INT8 = "narrow:8"  # the boundary layers' format: per-channel symmetric 8-bit weights
+BOUNDARY_POLICIES = ("fp", "quantize", "int8")
+
+
+def add_input_quantizer(model: nn.Module, quantizer: InputQuantizer) -> nn.Module:
+    """``model`` with ``quantizer`` applied to its input (an fx rewrite; module names and
+    state-dict keys are kept, plus ``input_quantizer.qparams``)."""
+    gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    gm.add_submodule("input_quantizer", quantizer)
+    with gm.graph.inserting_after(placeholder):
+        node = gm.graph.call_module("input_quantizer", (placeholder,))
+    placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    gm.recompile()
+    for key in ("tsquant_step1", "tsquant_step2"):
+        if get_record(model, key) is not None:
+            set_record(gm, key, get_record(model, key))
+    return gm
+
+
+def head_input_activations(model: nn.Module) -> list[str]:
+    """The activations that feed only the last layer (the head's input)."""
+    return sorted(_head_input_activations(model, analyse(model)))
+
+
+def apply_boundary(model: nn.Module, input_quantizer: bool, head_inputs: list[str]) -> nn.Module:
+    """The int8 boundary of a transformed model's structure (for loading its checkpoint): an
+    input quantizer and 8-bit head-input quantizers, their parameters to be loaded."""
+    for name in head_inputs:
+        set_module(model, name, SparseQuantizer(bits=8, eps=0.0))
+    return add_input_quantizer(model, InputQuantizer()) if input_quantizer else model
 
 
 def quantizable_layers(layers: list[Layer], first_layer: str = "fp", last_layer: str = "fp"):
@@ -384,9 +417,9 @@ def write_back(model: nn.Module, layer: Layer, codes, alpha, bias, grid) -> None
     else:
         new = QuantizedLinear.from_linear(module, grid)
     new.set_quantized(codes, alpha, bias)
-    _set_module(model, layer.name, new)
+    set_module(model, layer.name, new)
     if layer.bn is not None:
-        _set_module(model, layer.bn, nn.Identity())
+        set_module(model, layer.bn, nn.Identity())
 
 
 def check_finite(model: nn.Module, what: str = "the model") -> None:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from .baselines.adaround import AdaRoundConfig, adaround_layer
 from .calibration import draw_calibration
-from .capture import capture_layer_inputs, capture_targets
+from .capture import Capture, capture_layer_inputs, capture_targets
 from .quantizers.activation import SparseQuantizer
+from .quantizers.modules import InputQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
 from .solver.alternation import LayerSolution, SolverConfig, solve_layer, solve_linear_layer
 from .solver.rows import (
@@ -31,12 +32,17 @@ from .solver.rows import (
     release_freed_memory,
 )
 from .surgery import (
+    BOUNDARY_POLICIES,
+    INT8,
     Layer,
+    add_input_quantizer,
     analyse,
     bn_affine,
     check_finite,
     get_record,
+    head_input_activations,
     quantizable_layers,
+    set_module,
     set_record,
     write_back,
 )
@@ -84,8 +90,10 @@ class TransformConfig:
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
         for name in ("first_layer", "last_layer"):
-            if getattr(self, name) not in ("fp", "quantize"):
-                raise ValueError(f"{name} must be 'fp' or 'quantize', got {getattr(self, name)!r}")
+            if getattr(self, name) not in BOUNDARY_POLICIES:
+                raise ValueError(
+                    f"{name} must be 'fp', 'quantize' or 'int8', got {getattr(self, name)!r}"
+                )
         if not isinstance(self.positions_per_image, int) or self.positions_per_image < 1:
             raise ValueError(
                 f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}"
@@ -152,6 +160,38 @@ def layer_format(cfg: TransformConfig, name: str) -> str | int:
             None,
         )
     return cfg.weight_bits if chosen is None else chosen
+
+
+def _boundary_format(cfg: TransformConfig, layer: Layer) -> str | int:
+    if (layer.first and cfg.first_layer == "int8") or (layer.last and cfg.last_layer == "int8"):
+        return INT8
+    return layer_format(cfg, layer.name)
+
+
+def _int8_boundary(quantized: nn.Module, step1: nn.Module, calibration, cfg) -> dict:
+    """Make the int8 boundary of ``quantized`` (TSQ-METHOD.md keeps these layers FP; deployed
+    integer-only models keep them at 8 bits): the input quantized to signed 8 bits before an
+    int8 first layer, the FP head input to unsigned 8 bits before an int8 last layer, with
+    scales from the calibration data. Returns {"model", "input_quantizer", "head_inputs"}."""
+    done = {"model": quantized, "input_quantizer": False, "head_inputs": []}
+    if cfg.last_layer == "int8":
+        for name in head_input_activations(step1):
+            if not isinstance(step1.get_submodule(name), nn.ReLU):
+                continue  # already a step-1 quantizer
+            cap = Capture(step1, {"x": (name, "input")})
+            try:
+                with torch.no_grad():
+                    samples = torch.cat([cap.run(x)["x"].flatten() for x in calibration])
+            finally:
+                cap.close()
+            quantizer = SparseQuantizer.from_data(samples, bits=8, eps=0.0)
+            set_module(done["model"], name, quantizer.to(samples.device))
+            done["head_inputs"].append(name)
+    if cfg.first_layer == "int8":
+        max_abs = max(float(x.abs().max()) for x in calibration)
+        done["model"] = add_input_quantizer(done["model"], InputQuantizer.from_data(max_abs))
+        done["input_quantizer"] = True
+    return done
 
 
 @dataclass
@@ -276,7 +316,9 @@ def transform(
         quantized = copy.deepcopy(step1).eval()
         layers = analyse(step1)
         todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
-        formats = {layer.name: layer_format(cfg, layer.name) for layer in todo}
+        formats = {layer.name: _boundary_format(cfg, layer) for layer in todo}
+        boundary = _int8_boundary(quantized, step1, calibration, cfg)
+        quantized = boundary["model"]
         total = time.perf_counter()
         kinds = [_target_kind(step1, layer) for layer in todo]
         code_targets: dict[int, RowStore] = {}
@@ -364,6 +406,8 @@ def transform(
             "weight_bits": cfg.weight_bits,
             "layers": [x.name for x in todo],
             "formats": formats,
+            "input_quantizer": boundary["input_quantizer"],
+            "head_inputs": boundary["head_inputs"],
         }
         set_record(quantized, "tsquant_step2", plan)
         return quantized

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers.activation import SparseQuantizer
-from ..quantizers.modules import QuantizedConv2d, QuantizedLinear
+from ..quantizers.modules import InputQuantizer, QuantizedConv2d, QuantizedLinear
 from ..surgery import ADDS, batchnorm_affine, trace
 
 
@@ -28,8 +28,8 @@ class ExportError(ValueError):
 
 
 OPS = (
-    "input conv qconv linear qlinear affine quantize relu add maxpool avgpool global_avgpool "
-    "flatten slice pad output"
+    "input quantize_input conv qconv linear qlinear affine quantize relu add maxpool avgpool "
+    "global_avgpool flatten slice pad output"
 ).split()
 
 
@@ -169,7 +169,12 @@ def _unsupported(m: nn.Module):
     )
 
 
+def _input_quantizer_op(m: InputQuantizer):
+    return "quantize_input", {"bits": m.bits, "scale": m.scale}, {}
+
+
 MODULE_OPS = (  # in order: the quantized twins are subclasses of Conv2d / Linear
+    (InputQuantizer, _input_quantizer_op),
     (QuantizedConv2d, _qconv_op),
     (QuantizedLinear, _qlinear_op),
     (nn.Conv2d, _conv_op),

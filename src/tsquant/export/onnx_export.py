@@ -91,8 +91,8 @@ class _Writer:
         b = self.b
         if v.kind == "float":
             return v.name
-        x = b.cast(v.name, self.T.DOUBLE)
-        if v.kind == "codes":
+        x = v.name if v.kind == "icodes" else b.cast(v.name, self.T.DOUBLE)
+        if v.kind in ("codes", "icodes"):
             return b.op("Mul", [x, b.const(np.float64(v.extra))])
         scale, offset = (e.numpy().reshape(_channel_shape(v.rank)) for e in v.extra)
         return b.op("Add", [b.op("Mul", [x, b.const(scale, "scale")]), b.const(offset, "offset")])
@@ -114,7 +114,45 @@ class _Writer:
     def output(self, node: Node, args) -> _Value:
         return _Value("float", self.double(args[0]), args[0].rank)
 
+    def quantize_input(self, node: Node, args) -> _Value:
+        """Signed input codes, kept as integer-valued float64 ("icodes")."""
+        b, a = self.b, node.attrs
+        top = float(2 ** (a["bits"] - 1) - 1)
+        scaled = b.op("Div", [self.double(args[0]), b.const(np.float64(a["scale"]))])
+        codes = b.op(
+            "Clip", [b.op("Round", [scaled]), b.const(np.float64(-top)), b.const(np.float64(top))]
+        )
+        return _Value("icodes", codes, args[0].rank, a["scale"])
+
+    def _signed_qlayer(self, node: Node, args) -> _Value:
+        """Signed (input) codes times weight codes in float32, exact while every sum stays
+        below 2^24 (checked), then int32: the integer product ConvInteger would give."""
+        b, a, T, x = self.b, node.attrs, self.T, args[0]
+        codes = node.tensor(self.t, "codes")
+        alpha = node.tensor(self.t, "alpha").double()
+        bias = node.tensor(self.t, "bias")
+        bias = torch.zeros_like(alpha) if bias is None else bias.double()
+        bound = codes[0].numel() * int(codes.abs().max()) * (2**7 - 1)
+        if bound >= 2**24:
+            raise ExportError(
+                f"{node.name}: {codes[0].numel()} signed 8-bit products could exceed float32's "
+                "exact integers: keep this layer fp"
+            )
+        xf = b.cast(x.name, T.FLOAT)
+        if node.op == "qconv":
+            weight = b.const(codes.float().numpy(), "wcodes")
+            y = b.op(
+                "Conv", [xf, weight], strides=a["stride"], pads=_pads(a), dilations=a["dilation"]
+            )
+            rank = 4
+        else:
+            y = b.op("MatMul", [xf, b.const(codes.float().numpy().T.copy(), "wcodes")])
+            rank = 2
+        return _Value("acc", b.cast(y, T.INT32), rank, (alpha * x.extra, bias))
+
     def qlayer(self, node: Node, args) -> _Value:
+        if args[0].kind == "icodes":
+            return self._signed_qlayer(node, args)
         if args[0].kind != "codes":  # e.g. a quantized first layer on the FP image
             return self.layer(node, args)
         b, a = self.b, node.attrs
@@ -193,7 +231,7 @@ class _Writer:
 
     def maxpool(self, node: Node, args) -> _Value:
         a, x = node.attrs, args[0]
-        codes = x.kind == "codes"  # max commutes with the monotone code -> value map
+        codes = x.kind in ("codes", "icodes")  # max commutes with code -> value (step > 0)
         y = self.b.op(
             "MaxPool",
             [x.name if codes else self.double(x)],
@@ -203,7 +241,7 @@ class _Writer:
             dilations=a["dilation"],
             ceil_mode=int(a["ceil_mode"]),
         )
-        return _Value("codes", y, x.rank, x.extra) if codes else _Value("float", y, x.rank)
+        return _Value(x.kind, y, x.rank, x.extra) if codes else _Value("float", y, x.rank)
 
     def global_avgpool(self, node: Node, args) -> _Value:
         y = self.b.op("ReduceMean", [self.double(args[0]), self.b.const(np.array([2, 3]))])
@@ -256,6 +294,7 @@ _EMIT = {
     "linear": _Writer.layer,
     "affine": _Writer.affine,
     "quantize": _Writer.quantize,
+    "quantize_input": _Writer.quantize_input,
     "relu": _Writer.relu,
     "add": _Writer.add,
     "maxpool": _Writer.maxpool,

@@ -163,6 +163,13 @@ class IntegerRuntime:
         codes = torch.bucketize(to_float(x).contiguous(), edges, right=False).to(torch.int32)
         return Codes(codes, a["step"])
 
+    def _quantize_input(self, node: Node, args):
+        """The network input to signed integer codes (the input scaling, in float64)."""
+        a = node.attrs
+        top = 2 ** (a["bits"] - 1) - 1
+        codes = torch.round(to_float(args[0]) / a["scale"]).clamp(-top, top)
+        return Codes(codes.to(torch.int32), a["scale"])
+
     def _relu(self, node: Node, args):
         return torch.relu(to_float(args[0]))
 
@@ -235,6 +242,7 @@ _RUN = {  # op -> IntegerRuntime method; check_graph has refused any other op
     "linear": IntegerRuntime._layer,
     "affine": IntegerRuntime._affine,
     "quantize": IntegerRuntime._quantize,
+    "quantize_input": IntegerRuntime._quantize_input,
     "relu": IntegerRuntime._relu,
     "add": IntegerRuntime._add,
     "maxpool": IntegerRuntime._maxpool,

@@ -150,8 +150,16 @@ class TransformStageConfig:
         "per-layer weight formats, {layer-name pattern: format} (fnmatch, first match wins), "
         "e.g. {'layer3.*': 2}; other layers use weight_bits",
     )
-    first_layer: str = opt("fp", "first layer: fp or quantize")
-    last_layer: str = opt("fp", "last layer: fp or quantize")
+    first_layer: str = opt(
+        "fp",
+        "first layer: fp (the paper), quantize (weight_bits) or int8 (8-bit weights per "
+        "channel and the input quantized to signed 8 bits: integer from the input scaling on)",
+    )
+    last_layer: str = opt(
+        "fp",
+        "last layer: fp (the paper), quantize (weight_bits) or int8 (8-bit weights per channel "
+        "and its input quantized to unsigned 8 bits: integer up to the logits' scale)",
+    )
 
 
 @dataclass
@@ -321,8 +329,8 @@ def validate(config, prefix: str = "") -> None:
         "adaround_iters": lambda v: v >= 1,
         "variant": lambda v: v in ("tsquant", "paper"),
         "schedule": lambda v: v in ("onecycle", "cosine", "constant"),
-        "first_layer": lambda v: v in ("fp", "quantize"),
-        "last_layer": lambda v: v in ("fp", "quantize"),
+        "first_layer": lambda v: v in ("fp", "quantize", "int8"),
+        "last_layer": lambda v: v in ("fp", "quantize", "int8"),
         "device": _device_ok,
         "affine_bn": lambda v: v in ("fold", "keep"),
         "distill": lambda v: math.isfinite(v) and 0 <= v <= 1,

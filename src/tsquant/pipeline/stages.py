@@ -34,6 +34,7 @@ from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
 from ..report import results_table, write_report
 from ..surgery import (
+    apply_boundary,
     check_exportable,
     prepare_step1,
     quantized_skeleton,
@@ -224,7 +225,10 @@ class Context:
             )
         meta = load_json(self.stage_dir("transform") / "meta.json")
         grids = meta.get("layer_formats") or meta["weight_bits"]
-        return quantized_skeleton(self.step1_model(), meta["quantized_layers"], grids)
+        model = quantized_skeleton(self.step1_model(), meta["quantized_layers"], grids)
+        return apply_boundary(
+            model, meta.get("input_quantizer", False), meta.get("head_inputs", [])
+        )
 
     def transform_config(self, **overrides) -> TransformConfig:
         """Step-2 options of this run (the transform section, seed and device) + overrides.
@@ -429,6 +433,8 @@ def stage_transform(ctx: Context) -> None:
             "layers": rows,
             "quantized_layers": step2_plan(model)["layers"],
             "layer_formats": step2_plan(model)["formats"],
+            "input_quantizer": step2_plan(model)["input_quantizer"],
+            "head_inputs": step2_plan(model)["head_inputs"],
             "weight_bits": t.weight_bits,
         },
     )

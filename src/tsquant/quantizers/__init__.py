@@ -9,10 +9,11 @@ from .activation import (
     sparse_quantize,
     values_to_codes,
 )
-from .modules import QuantizedConv2d, QuantizedLinear
+from .modules import InputQuantizer, QuantizedConv2d, QuantizedLinear
 from .weight import WeightGrid, dequantize, quantize_to_grid, ternarize
 
 __all__ = [
+    "InputQuantizer",
     "QuantizedConv2d",
     "QuantizedLinear",
     "SparseQuantizer",

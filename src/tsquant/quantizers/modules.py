@@ -125,3 +125,54 @@ class QuantizedLinear(_GridWeightMixin, nn.Linear):
 
     def extra_repr(self):
         return super().extra_repr() + f", grid={self.grid.name}"
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float, top: int):
+        return torch.round(x / scale).clamp(-top, top) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None, None
+
+
+class InputQuantizer(nn.Module):
+    """Symmetric signed k-bit quantization of the network's input (default 8 bits): value =
+    code * scale with integer codes in [-(2^(k-1) - 1), 2^(k-1) - 1]. Put in front of an int8
+    first layer, it makes the network integer from its input scaling on."""
+
+    def __init__(self, scale: float = 1.0, bits: int = 8):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"input bits must be in 2..8, got {bits!r}")
+        if not scale > 0:
+            raise ValueError(f"input scale must be > 0, got {scale!r}")
+        self.register_buffer("qparams", torch.tensor([bits, scale], dtype=torch.float64))
+
+    @property
+    def bits(self) -> int:
+        return int(self.qparams[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.qparams[1])
+
+    @property
+    def top(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @classmethod
+    def from_data(cls, max_abs: float, bits: int = 8) -> InputQuantizer:
+        """The scale that maps the largest input magnitude seen to the largest code."""
+        top = 2 ** (bits - 1) - 1
+        return cls(max(float(max_abs), 1e-12) / top, bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RoundSTE.apply(x, self.scale, self.top)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x / self.scale).clamp(-self.top, self.top).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={self.scale:.4g}"
