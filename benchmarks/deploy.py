@@ -50,12 +50,13 @@ def table(rows: list[dict]) -> str:
         "element over all sparse quantizers; the float64 column repeats the comparison with the",
         "PyTorch model in float64, which separates float32 rounding at thresholds from real errors.",
         "",
-        "| dataset | model | test images | torch top-1 fp32 (fp64) | int top-1 | ONNX top-1 | int vs torch predictions fp32 (fp64) | code mismatches fp32 (fp64) of codes | size (bytes) | FP32 size | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | model | first/last layer | test images | torch top-1 fp32 (fp64) | int top-1 | ONNX top-1 | int vs torch predictions fp32 (fp64) | code mismatches fp32 (fp64) of codes | size (bytes) | FP32 size | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['test_images']:,} | {r['torch_top1']:.2f} "
+            f"| {r['dataset']} | {r['model']} | {r.get('boundary', 'first fp, last fp')} | "
+            f"{r['test_images']:,} | {r['torch_top1']:.2f} "
             f"({r.get('torch64_top1', float('nan')):.2f}) | {r['int_top1']:.2f} | {r['onnx_top1']:.2f} | "
             f"{r['int_vs_fakequant_disagreements']} ({r['int_vs_fakequant64_disagreements']}) | "
             f"{r['code_mismatches_float32']} ({r['code_mismatches_float64']}) of "
@@ -105,8 +106,13 @@ def main() -> int:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         }
     )
+    t = ctx.as_recorded("transform").cfg.transform
+    row["boundary"] = f"first {t.first_layer}, last {t.last_layer}"
     rows = json.loads(ROWS.read_text()) if ROWS.exists() else []
-    rows = [r for r in rows if (r["dataset"], r["model"]) != (row["dataset"], row["model"])]
+    key = (row["dataset"], row["model"], row["boundary"])
+    rows = [
+        r for r in rows if (r["dataset"], r["model"], r.get("boundary", "first fp, last fp")) != key
+    ]
     rows.append(row)
     write_text_atomic(ROWS, json.dumps(rows, indent=2) + "\n")
     text = RESULTS.read_text() if RESULTS.exists() else "# tsquant benchmark results\n"
