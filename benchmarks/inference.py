@@ -1,0 +1,135 @@
+"""Inference speed of an exported model: the integer ONNX model and the FP32 ONNX export of the
+same network on onnxruntime (CPU, same threads, same run), and the integer reference runtime.
+
+    python benchmarks/inference.py configs/demo_fashion_mnist.yaml --threads 1 [--set KEY=VALUE]
+
+The run's `export/` holds the integer model; the FP32 network is the run's train-stage model,
+exported with PyTorch's ONNX exporter. Throughput is measured at --batch images per call (median
+of --repeats timed calls after warm-up), latency at batch 1 (median of --latency-runs calls).
+Rows go to benchmarks/inference.json (replaced per model, dataset and runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tsquant.cli import parse_overrides
+from tsquant.export import IntegerRuntime, load_export
+from tsquant.export.onnx_export import onnx_session
+from tsquant.pipeline.config import load_config
+from tsquant.pipeline.stages import Context
+
+ROWS = Path(__file__).with_name("inference.json")
+
+
+def timed(call, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of one call."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fp32_onnx(ctx: Context, input_shape: list[int], path: Path) -> Path:
+    model = ctx.load("train", ctx.fp_model()).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
+        torch.onnx.export(
+            model,
+            torch.zeros(1, *input_shape),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return path
+
+
+def _runner(session):
+    return lambda data: session.run(None, {"input": data})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--latency-runs", type=int, default=100)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    ctx = Context(cfg)
+    exported = load_export(ctx.stage_dir("export"))
+    shape = exported.input_shape
+    x, _ = next(iter(ctx.test_loader()))
+    x = x.contiguous()[: args.batch].float()
+    batch = torch.cat([x] * (args.batch // len(x) + 1))[: args.batch].numpy()
+    one = batch[:1]
+    sessions = {"onnx_int": onnx_session(ctx.stage_dir("export") / "model.onnx")}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions["onnx_fp32"] = onnx_session(fp32_onnx(ctx, shape, Path(tmp) / "fp32.onnx"))
+        runs = {name: _runner(session) for name, session in sessions.items()}
+        runtime = IntegerRuntime(exported)
+        runs["integer_runtime"] = lambda data: runtime.run(torch.from_numpy(data))
+        agree = np.argmax(runs["onnx_int"](batch)[0], 1) == np.argmax(
+            runs["onnx_fp32"](batch)[0], 1
+        )
+        command = "python benchmarks/inference.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv
+        )
+        machine = f"{platform.machine()} CPU, {args.threads} threads"
+        model_name = f"{cfg.model.name} ({ctx.as_recorded('transform').cfg.transform.first_layer}/"
+        model_name += f"{ctx.as_recorded('transform').cfg.transform.last_layer} boundary)"
+        rows = []
+        for name, call in runs.items():
+            repeats = args.repeats if name != "integer_runtime" else max(2, args.repeats // 5)
+            throughput = args.batch / timed(lambda c=call: c(batch), repeats)
+            latency_runs = args.latency_runs if name != "integer_runtime" else 10
+            latency = timed(lambda c=call: c(one), latency_runs)
+            row = {
+                "model": model_name,
+                "dataset": ctx.dataset("test").title,
+                "runtime": name,
+                "batch": args.batch,
+                "images_per_s": round(throughput, 1),
+                "latency_ms": round(1000 * latency, 3),
+                "threads": args.threads,
+                "machine": machine,
+                "date": datetime.date.today().isoformat(),
+                "command": command,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    fp32 = next(r for r in rows if r["runtime"] == "onnx_fp32")
+    for r in rows:
+        r["throughput_vs_onnx_fp32"] = round(r["images_per_s"] / fp32["images_per_s"], 3)
+    print(f"int vs fp32 ONNX predictions agree on {100 * agree.mean():.1f}% of the batch")
+    old = json.loads(ROWS.read_text())["rows"] if ROWS.exists() else []
+    keys = {(r["model"], r["dataset"], r["runtime"]) for r in rows}
+    kept = [r for r in old if (r["model"], r["dataset"], r["runtime"]) not in keys]
+    ROWS.write_text(json.dumps({"rows": kept + rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
