@@ -97,13 +97,20 @@ class _Writer:
         scale, offset = (e.numpy().reshape(_channel_shape(v.rank)) for e in v.extra)
         return b.op("Add", [b.op("Mul", [x, b.const(scale, "scale")]), b.const(offset, "offset")])
 
-    def count_above(self, x: str, limits: np.ndarray) -> str:
-        """Number of thresholds (axis 0 of limits) strictly below x, as uint8."""
+    def count_above(self, x: str, limits: np.ndarray, chunk: int = 8) -> str:
+        """Number of thresholds (axis 0 of limits) strictly below x, as uint8. The thresholds
+        are compared ``chunk`` at a time: an 8-bit quantizer has 255, and broadcasting them all
+        at once would hold 255 copies of the activation map (11 GB on 500 Fashion-MNIST images)."""
         b = self.b
-        above = b.op(
-            "Greater", [b.op("Unsqueeze", [x, b.const(np.array([0]))]), b.const(limits, "thr")]
-        )
-        total = b.op("ReduceSum", [b.cast(above, self.T.INT32), b.const(np.array([0]))], keepdims=0)
+        expanded = b.op("Unsqueeze", [x, b.const(np.array([0]))])
+        total = None
+        for start in range(0, limits.shape[0], chunk):
+            part = np.ascontiguousarray(limits[start : start + chunk])
+            above = b.op("Greater", [expanded, b.const(part, "thr")])
+            count = b.op(
+                "ReduceSum", [b.cast(above, self.T.INT32), b.const(np.array([0]))], keepdims=0
+            )
+            total = count if total is None else b.op("Add", [total, count])
         return b.cast(total, self.T.UINT8)
 
     # --- one method per op: (node, input values) -> output value --------------------------
