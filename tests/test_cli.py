@@ -163,3 +163,20 @@ def test_run_with_int8_boundary_layers(tmp_path, tiny_run_args):
     assert verified["int_vs_fakequant64_disagreements"] == 0
     assert verified["onnx_vs_int_disagreements"] == 0
     assert verified["int_top1"] == verified["torch64_top1"]
+
+
+def test_users_init_checkpoint_with_conv_biases_loads_before_normalisation(
+    tmp_path, tiny_run_args, monkeypatch, capsys
+):
+    import torch
+
+    (tmp_path / "user_models_for_tsquant.py").write_text(USER_MODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from user_models_for_tsquant import make
+
+    torch.save(make().state_dict(), tmp_path / "fp.pt")  # biased convs, as the user has it
+    args = ["--set", "model.name=user_models_for_tsquant:make"]
+    args += ["--set", f"init_checkpoint={tmp_path / 'fp.pt'}"]
+    assert main(["train", *tiny_run_args, *args]) == 0
+    assert "loaded" in capsys.readouterr().out

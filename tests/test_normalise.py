@@ -278,3 +278,33 @@ def test_what_cannot_be_normalised_is_one_line_naming_the_fix(model, fragment):
 def test_transform_refuses_a_model_that_was_not_prepared():
     with pytest.raises(ValueError, match="prepare_step1"):
         tsquant.transform(VGGStyle().eval(), [images(4)], TransformConfig(verbose=False))
+
+
+class InplaceModuleReLU(nn.Module):
+    """`self.relu(out)` with ReLU(inplace=True) and its result unused: the data flow is the
+    in-place write."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        self.relu(out)
+        return self.fc(torch.flatten(out, 1))
+
+
+def test_unused_result_of_an_inplace_relu_module_keeps_its_effect():
+    torch.manual_seed(0)
+    x = images(8)
+    model = random_statistics(InplaceModuleReLU(), x)
+    normalised = normalise(model)
+    with torch.no_grad():
+        torch.testing.assert_close(normalised(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, nn.ReLU) and m.inplace for m in normalised.modules())
+    step1 = tsquant.prepare_step1(model, keep_head_input_fp=False)  # quantize the head input
+    assert any(isinstance(m, SparseQuantizer) for m in step1.modules())
+    with torch.no_grad():
+        assert not torch.equal(step1.eval()(x), normalised(x))  # the quantizer is in the path

@@ -324,3 +324,22 @@ def test_per_layer_weight_formats_by_pattern_or_function(tmp_path):
         assert torch.equal(loaded(loader[0][0]), model_q(loader[0][0]))
     with pytest.raises(ValueError, match=r"layer_formats\['conv\*'\]"):
         TransformConfig(layer_formats={"conv*": "binary"})
+
+
+def test_otwa_with_int8_boundaries_draws_calibration_data_for_their_scales():
+    loader = calibration((8, 1, 12, 12), batches=2, seed=5)
+    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    cfg = TransformConfig(method="otwa", first_layer="int8", last_layer="int8", verbose=False)
+    model_q = tsquant.transform(step1, loader, cfg)
+    assert model_q.get_submodule("input_quantizer").scale > 0
+    with pytest.raises(ValueError, match="max_images"):
+        TransformConfig(max_images=0)
+
+
+def test_quantizer_parameters_stay_float64_through_float_and_half():
+    from tsquant import InputQuantizer
+
+    for q in (tsquant.SparseQuantizer.from_gaussian(2, 0.32), InputQuantizer(0.0123)):
+        before = q.qparams.clone()
+        q.half().float()
+        assert q.qparams.dtype == torch.float64 and torch.equal(q.qparams, before)

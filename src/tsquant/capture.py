@@ -68,11 +68,14 @@ class Capture:
             self.model(x)
         except _Stop:
             pass
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:  # e.g. a shape mismatch deep inside a conv
             reason = str(exc).strip().splitlines()[0]
             raise ValueError(
-                f"the model cannot run on calibration inputs of shape {tuple(x.shape)} ({reason}): "
-                "give step 2 data shaped like the training data"
+                f"the model cannot run on calibration inputs of shape {tuple(x.shape)} "
+                f"({type(exc).__name__}: {reason}): give step 2 data shaped and typed like the "
+                "training data"
             ) from None
         finally:
             self.active = False

@@ -200,7 +200,9 @@ def _fold_bias_into_bn(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
-def _is_inplace(node: torch.fx.Node) -> bool:
+def _is_inplace(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("_")
     if node.op == "call_function":
@@ -213,7 +215,7 @@ def _explicit_inplace_data_flow(gm: torch.fx.GraphModule) -> bool:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     changed = False
     for node in gm.graph.nodes:
-        if not _is_inplace(node) or not isinstance(node.args[0], torch.fx.Node):
+        if not _is_inplace(node, gm) or not isinstance(node.args[0], torch.fx.Node):
             continue
         operand = node.args[0]
         for user in list(operand.users):
@@ -236,6 +238,7 @@ def normalise(model: nn.Module) -> nn.Module:
             module = gm.get_submodule(node.target)
             if isinstance(module, nn.ReLU) and module.inplace:
                 module.inplace = False
+                changed = True
             continue
         replacement = _module_for(node)
         if replacement is None:

@@ -94,6 +94,10 @@ class TransformConfig:
                 raise ValueError(
                     f"{name} must be 'fp', 'quantize' or 'int8', got {getattr(self, name)!r}"
                 )
+        if self.max_images is not None and (
+            not isinstance(self.max_images, int) or self.max_images < 1
+        ):
+            raise ValueError(f"max_images must be None or an integer >= 1, got {self.max_images!r}")
         if not isinstance(self.positions_per_image, int) or self.positions_per_image < 1:
             raise ValueError(
                 f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}"
@@ -304,9 +308,10 @@ def transform(
         )
     check_finite(model_step1, "the step-1 model")
     # every pass below must see the same images, whatever the loader does (shuffle, one-shot)
-    calibration = (
+    needs_data = STEP2_METHODS[cfg.method].needs_data or "int8" in (cfg.first_layer, cfg.last_layer)
+    calibration = (  # int8 boundaries take their input scales from the calibration data
         draw_calibration(calib_loader, cfg.max_images, cfg.input_key, cfg.device)
-        if STEP2_METHODS[cfg.method].needs_data
+        if needs_data
         else []  # e.g. the OTWA baseline
     )
     # block temporaries go back to the OS; the process's allocator is restored afterwards

@@ -76,3 +76,16 @@ def test_yaml_transform_settings_reach_the_solver_unchanged(tmp_path):
     # every option of the YAML section is the library's, but the pipeline's calib_images
     section = {f.name for f in fields(TransformStageConfig)}
     assert section - {f.name for f in fields(TransformConfig)} == {"calib_images"}
+
+
+def test_provenance_sees_the_order_of_layer_formats(tmp_path):
+    from tsquant.pipeline.provenance import stage_config
+
+    def record(formats):
+        (tmp_path / "c.yaml").write_text(f"transform:\n  layer_formats: {formats}\n")
+        return stage_config(load_config(tmp_path / "c.yaml"), "transform")
+
+    first = record('{"layer1.*": 2, "layer1.0.*": 4}')
+    assert first != record('{"layer1.0.*": 4, "layer1.*": 2}')  # the first match wins
+    assert first == record('{"layer1.*": 2, "layer1.0.*": 4}')
+    assert "transform.adaround_iters" not in first  # not the method: no re-run when it changes

@@ -161,8 +161,12 @@ def test_resume_state_under_other_settings_starts_over(tmp_path, capsys):
     )
     model = torch.nn.Linear(4, 2)
     train(model, Loader(), cfg, tmp_path, provenance={"config": {"train.lr": 0.1}})
-    # the finished state is a resume file at epoch 1: resumed under the same settings, no work
-    cfg.epochs = 2
+    # the state after epoch 1 is a resume file: under the same settings, resuming does no work
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    logs = train(model, Loader(), cfg, tmp_path, provenance={"config": {"train.lr": 0.1}})
+    assert len(logs) == 1 and "starting the stage over" not in capsys.readouterr().out
+    assert all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
+    cfg.epochs = 2  # one more epoch, resumed from there
     logs = train(model, Loader(), cfg, tmp_path, provenance={"config": {"train.lr": 0.1}})
     assert len(logs) == 2 and "starting the stage over" not in capsys.readouterr().out
     logs = train(model, Loader(), cfg, tmp_path, provenance={"config": {"train.lr": 0.5}})

@@ -38,7 +38,9 @@ SECTIONS = {"train": "train", "codes": "codes", "transform": "transform", "finet
 def _flatten(data: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key != "kwargs":
+        if key == "layer_formats":  # the first matching pattern wins: the order matters
+            out[f"{prefix}{key}"] = [[k, v] for k, v in value.items()]
+        elif isinstance(value, dict) and key != "kwargs":
             out |= _flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
@@ -59,4 +61,10 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
         ]
     if stage in ("transform", "finetune"):  # the step-1 design is part of what they reproduce
         keys += [k for k in flat if k.startswith("codes.") and k.split(".")[-1] in ("bits", "eps")]
-    return {k: flat[k] for k in keys}
+    record = {k: flat[k] for k in keys}
+    for section in ("codes", "finetune"):  # the temperature matters only when distilling
+        if not record.get(f"{section}.distill"):
+            record.pop(f"{section}.distill_temperature", None)
+    if record.get("transform.method") != "adaround":
+        record.pop("transform.adaround_iters", None)
+    return record

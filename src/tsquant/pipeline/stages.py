@@ -34,6 +34,7 @@ from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
 from ..report import results_table, write_report
 from ..surgery import (
+    analyse,
     apply_boundary,
     check_exportable,
     prepare_step1,
@@ -169,18 +170,27 @@ class Context:
             train_ds.subset(n, seed=self.cfg.seed + 1), self.cfg.data.eval_batch_size
         )
 
-    def fp_model(self) -> torch.nn.Module:
+    def fp_model(self, weights: Path | None = None) -> torch.nn.Module:
+        """The FP network; ``weights`` (the user's init_checkpoint) are loaded into the model
+        as the user wrote it, before normalisation folds conv biases into the BNs."""
         ds = self.dataset("test")
         h, w, c = ds.image_shape
         torch.manual_seed(self.cfg.seed)
         m = self.cfg.model
         kwargs = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in m.kwargs.items()}
         if not is_factory_spec(m.name):
-            return build_model(
+            model = build_model(
                 m.name, num_classes=ds.num_classes, in_channels=c, image_size=h, **kwargs
             )
-        # normalised (same state-dict keys): `view` after a channels-last conv would fail
-        model = normalise(build_user_model(m.name, kwargs))
+            if weights is not None:
+                load_model_weights(model, weights, user_file=True)
+            return model
+        model = build_user_model(m.name, kwargs)
+        if weights is not None:
+            load_model_weights(model, weights, user_file=True)
+        # normalised (state-dict keys kept, conv biases folded into the BNs): `view` after a
+        # channels-last conv would fail
+        model = normalise(model)
         if not self._user_model_checked:  # one forward pass: wrong classes or channels fail now
             try:
                 with torch.no_grad():
@@ -214,8 +224,19 @@ class Context:
 
     def check_export_early(self) -> None:
         """A model the export cannot write fails now, not after training and step 2."""
-        if self.cfg.export.enabled:
-            check_exportable(self.step1_model(), "or set export.enabled=false")
+        if not self.cfg.export.enabled:
+            return
+        step1 = self.step1_model()
+        check_exportable(step1, "or set export.enabled=false")
+        if self.cfg.transform.first_layer == "int8" and self.cfg.export.onnx:
+            first = analyse(step1)[0]
+            fan_in = step1.get_submodule(first.name).weight[0].numel()
+            if fan_in * 127 * 127 >= 2**24:
+                raise ConfigError(
+                    f"transform.first_layer=int8: {first.name} has {fan_in} inputs, too many for "
+                    "the ONNX encoding of signed 8-bit inputs (exact below 1,040): keep it fp, "
+                    "or set export.onnx=false"
+                )
 
     def tsq_model(self) -> torch.nn.Module:
         if not self.done("transform"):
@@ -383,9 +404,9 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
 
 
 def stage_train(ctx: Context) -> None:
-    model = ctx.fp_model().to(ctx.device)
-    if ctx.cfg.init_checkpoint:
-        load_model_weights(model, Path(ctx.cfg.init_checkpoint), user_file=True)
+    init = Path(ctx.cfg.init_checkpoint) if ctx.cfg.init_checkpoint else None
+    model = ctx.fp_model(weights=init).to(ctx.device)
+    if init is not None:
         top1 = None
         if ctx.world.main:
             top1 = evaluate(model, ctx.test_loader(), ctx.device, "fp eval")

@@ -238,6 +238,16 @@ def fit_step(
 # --- module -------------------------------------------------------------------------------------
 
 
+def keep_float64_qparams(module: nn.Module, fn, recurse, apply) -> nn.Module:
+    """``module._apply`` that leaves the ``qparams`` buffer (the quantizer's design: bits, eps,
+    step) in float64 on whatever device ``fn`` moves it to: ``model.float()`` or ``.half()``
+    must not round a quantizer's thresholds."""
+    saved = module.qparams
+    apply(fn, recurse)
+    module._buffers["qparams"] = saved.to(device=module.qparams.device)
+    return module
+
+
 class SparseQuantizer(nn.Module):
     """Q of the spec as a module: ``q(x)`` quantizes (STE backward), ``q.codes(x)`` gives codes.
 
@@ -252,6 +262,9 @@ class SparseQuantizer(nn.Module):
         _check_eps_step(float(eps), step, bits)
         # A float64 buffer so checkpoints (safetensors state dicts) carry the design per layer.
         self.register_buffer("qparams", torch.tensor([bits, eps, step], dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        return keep_float64_qparams(self, fn, recurse, super()._apply)
 
     @property
     def bits(self) -> int:

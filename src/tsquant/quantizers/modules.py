@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activation import keep_float64_qparams
 from .weight import WeightGrid
 
 
@@ -149,6 +150,9 @@ class InputQuantizer(nn.Module):
         if not scale > 0:
             raise ValueError(f"input scale must be > 0, got {scale!r}")
         self.register_buffer("qparams", torch.tensor([bits, scale], dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        return keep_float64_qparams(self, fn, recurse, super()._apply)
 
     @property
     def bits(self) -> int:

@@ -53,19 +53,21 @@ def set_mmap_threshold(nbytes: int) -> bool:
         return False
 
 
-_GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+# once set, glibc's threshold stops adapting; its dynamic maximum on 64-bit is 32 MiB, where it
+# ends up anyway after large blocks are freed, so that is where it is left
+_GLIBC_MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
 @contextlib.contextmanager
 def mmap_threshold(nbytes: int):
-    """:func:`set_mmap_threshold` for the duration of a block, then glibc's default again
-    (0: the allocator is left alone)."""
+    """:func:`set_mmap_threshold` for the duration of a block, then glibc's dynamic maximum
+    (setting the threshold ends glibc's adjustment; 0: the allocator is left alone)."""
     applied = set_mmap_threshold(nbytes)
     try:
         yield applied
     finally:
         if applied:
-            set_mmap_threshold(_GLIBC_DEFAULT_MMAP_THRESHOLD)
+            set_mmap_threshold(_GLIBC_MAX_MMAP_THRESHOLD)
 
 
 def peak_rss_mb() -> float | None:
