@@ -291,6 +291,8 @@ def test_step2_methods_are_a_registry_and_transform_records_its_plan():
             "weight_bits": "ternary",
             "layers": calls,
             "formats": formats,
+            "input_quantizer": False,
+            "head_inputs": [],
         }
         assert calls == ["conv2.conv", "conv3.conv", "conv4.conv"]
         assert step2_plan(copy.deepcopy(model_q)) == plan  # kept with the model
