@@ -238,17 +238,22 @@ def fit_step(
 # --- module -------------------------------------------------------------------------------------
 
 
-def keep_float64_qparams(module: nn.Module, fn, recurse, apply) -> nn.Module:
-    """``module._apply`` that leaves the ``qparams`` buffer (the quantizer's design: bits, eps,
-    step) in float64 on whatever device ``fn`` moves it to: ``model.float()`` or ``.half()``
-    must not round a quantizer's thresholds."""
-    saved = module.qparams
-    apply(fn, recurse)
-    module._buffers["qparams"] = saved.to(device=module.qparams.device)
-    return module
+class QParamsModule(nn.Module):
+    """A quantizer whose design lives in a float64 ``qparams`` buffer, bits first, so state
+    dicts carry it; ``model.float()`` or ``.half()`` moves the buffer but never rounds it."""
+
+    def _apply(self, fn, recurse=True):
+        saved = self.qparams
+        super()._apply(fn, recurse)
+        self._buffers["qparams"] = saved.to(device=self.qparams.device)
+        return self
+
+    @property
+    def bits(self) -> int:
+        return int(self.qparams[0])
 
 
-class SparseQuantizer(nn.Module):
+class SparseQuantizer(QParamsModule):
     """Q of the spec as a module: ``q(x)`` quantizes (STE backward), ``q.codes(x)`` gives codes.
 
     Build it with :meth:`from_gaussian` (design for N(0,1) pre-activations, the default after a
@@ -262,13 +267,6 @@ class SparseQuantizer(nn.Module):
         _check_eps_step(float(eps), step, bits)
         # A float64 buffer so checkpoints (safetensors state dicts) carry the design per layer.
         self.register_buffer("qparams", torch.tensor([bits, eps, step], dtype=torch.float64))
-
-    def _apply(self, fn, recurse=True):
-        return keep_float64_qparams(self, fn, recurse, super()._apply)
-
-    @property
-    def bits(self) -> int:
-        return int(self.qparams[0])
 
     @property
     def eps(self) -> float:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activation import keep_float64_qparams
+from .activation import QParamsModule
 from .weight import WeightGrid
 
 
@@ -138,7 +138,7 @@ class _RoundSTE(torch.autograd.Function):
         return grad_out, None, None
 
 
-class InputQuantizer(nn.Module):
+class InputQuantizer(QParamsModule):
     """Symmetric signed k-bit quantization of the network's input (default 8 bits): value =
     code * scale with integer codes in [-(2^(k-1) - 1), 2^(k-1) - 1]. Put in front of an int8
     first layer, it makes the network integer from its input scaling on."""
@@ -150,13 +150,6 @@ class InputQuantizer(nn.Module):
         if not scale > 0:
             raise ValueError(f"input scale must be > 0, got {scale!r}")
         self.register_buffer("qparams", torch.tensor([bits, scale], dtype=torch.float64))
-
-    def _apply(self, fn, recurse=True):
-        return keep_float64_qparams(self, fn, recurse, super()._apply)
-
-    @property
-    def bits(self) -> int:
-        return int(self.qparams[0])
 
     @property
     def scale(self) -> float:
