@@ -241,3 +241,30 @@ def test_best_iterate_per_channel_never_ends_below_any_iterate(seed):
             assert error <= min(h["true_error"] for h in sol.history) * (1 + 1e-4) + 1e-9
     with pytest.raises(ValueError, match="keep_best"):
         SolverConfig(keep_best="codes")
+
+
+def test_linear_ridge_pulls_an_underdetermined_fit_toward_the_start():
+    """Fewer rows than inputs: plain least squares moves the weights to fit the rows; a strong
+    ridge toward the start keeps the start's codes, and the objective it reports is the true,
+    unregularised error."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=gen)
+    w_true = torch.randn(4, 64, generator=gen)
+    t = x @ w_true.T
+    init = w_true + 0.3 * torch.randn(w_true.shape, generator=gen)
+    base = SolverConfig(weight_bits="narrow:8", iters=5)
+    free = solve_linear_layer(x, t, init=init, config=base)
+    held = solve_linear_layer(
+        x, t, init=init, config=SolverConfig(**{**base.__dict__, "linear_ridge": 1e6})
+    )
+    start = solve_linear_layer(
+        x, t, init=init, config=SolverConfig(**{**base.__dict__, "iters": 0})
+    )
+    assert free.relative_error < start.relative_error_init  # fits the 40 rows better
+
+    def distance(sol):  # from the start's full-precision weights
+        return float(((sol.weight - init) ** 2).mean())
+
+    assert distance(held) < 0.2 * distance(free)  # the ridge keeps it at the start weights
+    with pytest.raises(ValueError, match="linear_ridge"):
+        SolverConfig(linear_ridge=-1.0)

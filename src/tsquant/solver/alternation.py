@@ -59,6 +59,10 @@ class SolverConfig:
     # tsquant: per output channel, the iterate kept at the end is the best one seen (the start
     # included) on "error" (the true objective ||y - Q(p)||^2) or "agreement" (codes reproduced)
     keep_best: str = "error"
+    # linear targets (no quantizer after the layer): ridge toward the start weights, relative to
+    # the mean diagonal of X'X; for layers with fewer rows than inputs (a head fitted on one row
+    # per calibration image), whose least-squares fit does not carry to new data. 0: none
+    linear_ridge: float = 0.0
     chunk_rows: int = 16384
 
     def __post_init__(self):
@@ -75,6 +79,8 @@ class SolverConfig:
             raise ValueError(f"margin must be in [0, 0.5), got {self.margin!r}")
         if self.lam_growth < 1:
             raise ValueError(f"lam_growth must be >= 1, got {self.lam_growth!r}")
+        if not (math.isfinite(self.linear_ridge) and self.linear_ridge >= 0):
+            raise ValueError(f"linear_ridge must be >= 0, got {self.linear_ridge!r}")
         if self.keep_best not in ("error", "agreement"):
             raise ValueError(f"keep_best must be 'error' or 'agreement', got {self.keep_best!r}")
 
@@ -701,6 +707,15 @@ def solve_linear_layer(
         weights_t, alpha = weight_space_rounding(least_squares.T, grid)
     else:
         weights_t, alpha = _round_given_weights(stats.gram, init.reshape(c, -1), grid, cfg)
+    # the alternation's quadratic: ||T - X v - bias||^2 + r ||v - v0||^2 in v = alpha w, with v0
+    # the start's full-precision weights (a ridge toward them; r = 0: plain least squares)
+    gram_fit, toward = stats.gram, None
+    if cfg.linear_ridge > 0 and init is not None:
+        r = cfg.linear_ridge * stats.gram.diagonal().mean().clamp_min(1e-12)
+        gram_fit = stats.gram + r * torch.eye(
+            stats.gram.shape[0], dtype=stats.gram.dtype, device=device
+        )
+        toward = r * init.reshape(c, -1).T.double().to(device)
 
     def relative_error():
         """||T - alpha X w - bias||^2 / ||T - mean||^2, expanded in the accumulated sums."""
@@ -720,10 +735,10 @@ def solve_linear_layer(
     error_init = relative_error()
     history = [{"iter": 0, "relative_error": error_init}]
     for it in range(1, cfg.iters + 1):
-        b = cross_residual()
-        alpha = alpha_step(stats.gram, b, weights_t, alpha)
-        changes = coordinate_descent_wstep(stats.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
-        alpha = alpha_step(stats.gram, b, weights_t, alpha)
+        b = cross_residual() if toward is None else cross_residual() + toward
+        alpha = alpha_step(gram_fit, b, weights_t, alpha)
+        changes = coordinate_descent_wstep(gram_fit, b, weights_t, alpha, grid, cfg.cd_sweeps)
+        alpha = alpha_step(gram_fit, b, weights_t, alpha)
         # closed-form bias: mean residual, from the column sums of X
         bias = mean - alpha * (stats.column_sum @ weights_t) / m
         history.append({"iter": it, "relative_error": relative_error(), "changes": changes})
