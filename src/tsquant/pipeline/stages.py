@@ -445,6 +445,7 @@ def stage_transform(ctx: Context) -> None:
     wall = time.time() - start
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "tsq eval")
     print(f"[transform] test top-1 {top1:.2f}% (step 2 took {wall:.1f}s)", flush=True)
+    plan = step2_plan(model)
     ctx.finish(
         "transform",
         model,
@@ -452,10 +453,10 @@ def stage_transform(ctx: Context) -> None:
             "test_top1": top1,
             "wall_s": wall,
             "layers": rows,
-            "quantized_layers": step2_plan(model)["layers"],
-            "layer_formats": step2_plan(model)["formats"],
-            "input_quantizer": step2_plan(model)["input_quantizer"],
-            "head_inputs": step2_plan(model)["head_inputs"],
+            "quantized_layers": plan["layers"],
+            "layer_formats": plan["formats"],
+            "input_quantizer": plan["input_quantizer"],
+            "head_inputs": plan["head_inputs"],
             "weight_bits": t.weight_bits,
         },
     )
