@@ -68,15 +68,15 @@ METHODS = {
 ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomputed for free
     "eps": [(v, {"codes.eps": v}) for v in ("0", "0.2", "0.32", "0.5", "0.7")],
     "mode": [(v, {"transform.mode": v}) for v in ("sequential", "parallel")],
-    "lam": [(v, {"transform.lam": v}) for v in ("1", "3", "10")],
+    "lam": [(v, {"transform.tsq.lam": v}) for v in ("1", "3", "10")],
     # lam moves the result only in the paper variant: the tsquant variant's repair phase uses
     # its own repair_lam, and its later alternations stop when w no longer changes
     "lam_paper": [
-        (v, {"transform.lam": v, "transform.variant": "paper"}) for v in ("1", "3", "10")
+        (v, {"transform.tsq.lam": v, "transform.tsq.variant": "paper"}) for v in ("1", "3", "10")
     ],
-    "variant": [(v, {"transform.variant": v}) for v in ("tsquant", "paper")],
-    "start": [(v, {"transform.start": v}) for v in ("gptq", "otwa")],
-    "iters": [(v, {"transform.iters": v}) for v in ("5", "20", "50")],
+    "variant": [(v, {"transform.tsq.variant": v}) for v in ("tsquant", "paper")],
+    "start": [(v, {"transform.tsq.start": v}) for v in ("gptq", "otwa")],
+    "iters": [(v, {"transform.tsq.iters": v}) for v in ("5", "20", "50")],
     "calib": [(v, {"transform.calib_images": v}) for v in ("250", "500", "1000", "2000", "4000")],
 }
 

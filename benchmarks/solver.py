@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tsquant.baselines.adaround import AdaRoundConfig
 from tsquant.capture import capture_layer_inputs
 from tsquant.fileio import load_model_weights, write_text_atomic
 from tsquant.pipeline.config import load_config
@@ -63,7 +64,11 @@ def child(args) -> dict:
         todo = quantizable_layers(analyse(step1), tcfg.first_layer, tcfg.last_layer)
         for index, layer in enumerate(todo):
             t0 = time.perf_counter()
-            gram(capture_layer_inputs(layer, index, step1, loader, tcfg, offsets=False)[0])
+            gram(
+                capture_layer_inputs(layer, index, step1, loader, tcfg, False, cfg.memory.cache_mb)[
+                    0
+                ]
+            )
             layers.append({"layer": layer.name, "wall_s": round(time.perf_counter() - t0, 2)})
         wall, peak = time.perf_counter() - start, peak_rss_mb()
     elif args.method in ("tsq", "adaround"):
@@ -72,9 +77,15 @@ def child(args) -> dict:
             step1,
             loader,
             ctx.transform_config(
-                method=args.method, adaround_iters=args.adaround_iters, verbose=False
+                method=(
+                    AdaRoundConfig(iters=args.adaround_iters)
+                    if args.method == "adaround"
+                    else args.method
+                ),
+                verbose=False,
             ),
             report,
+            memory=cfg.memory,
         )
         wall, peak = time.perf_counter() - start, peak_rss_mb()
         coded = [r for r in report if r["kind"] == "coded"]
@@ -132,7 +143,7 @@ def _fp_from(ctx: Context):
 def table(rows: list[dict]) -> str:
     head = rows[0]
     lines = [
-        "## Step-2 solver at scale",
+        f"## Step-2 solver at scale: {head['model']}",
         "",
         f"{head['dataset']}, {head['model']}, step-1 model `{head['step1']}`, "
         f"{head['positions_per_image']} sampled positions per image, {head['device']}, "
@@ -211,7 +222,7 @@ def main() -> int:
         parser.error(f"step-1 weights {args.step1} not found: run `tsquant codes CONFIG` first")
     command = "python benchmarks/solver.py " + " ".join(sys.argv[1:])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    row_key = lambda r: (r["method"], r["calib_images"], r["adaround_iters"])  # noqa: E731
+    row_key = lambda r: (r["model"], r["method"], r["calib_images"], r["adaround_iters"])  # noqa: E731
     kept = json.loads(args.out.read_text()) if args.merge and args.out.exists() else []
     rows: list[dict] = []
     for calib in args.calib:
@@ -257,8 +268,13 @@ def main() -> int:
         from deploy import replace_section
 
         text = RESULTS.read_text() if RESULTS.exists() else "# tsquant benchmark results\n"
-        ordered = sorted(all_rows, key=lambda r: (r["calib_images"], METHODS.index(r["method"])))
-        write_text_atomic(RESULTS, replace_section(text, BEGIN, END, table(ordered)))
+        tables = []
+        for model in dict.fromkeys(r["model"] for r in all_rows):  # one table per model
+            mine = [r for r in all_rows if r["model"] == model]
+            tables.append(
+                table(sorted(mine, key=lambda r: (r["calib_images"], METHODS.index(r["method"]))))
+            )
+        write_text_atomic(RESULTS, replace_section(text, BEGIN, END, "\n\n".join(tables)))
         print(f"wrote {ROWS} and {RESULTS}")
     return 0
 

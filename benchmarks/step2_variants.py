@@ -7,30 +7,25 @@ Without --set, it compares the paper variant with the tsquant default.
 
 import argparse
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from tsquant.fileio import load_json
-from tsquant.pipeline.config import RunConfig, from_dict
+from tsquant.pipeline.config import ConfigError, RunConfig, from_dict
 from tsquant.pipeline.stages import Context
 from tsquant.solver import SolverConfig
 from tsquant.training import evaluate
-from tsquant.transform import TransformConfig, transform
+from tsquant.transform import transform
 
 
-def parse_row(text: str) -> dict:
-    types = {f.name: f.type for f in fields(SolverConfig)}
-    row = {}
-    for pair in filter(None, text.split(",")):
-        key, value = pair.split("=", 1)
-        if key not in types:
-            raise SystemExit(f"unknown solver option {key!r}: use one of {sorted(types)}")
-        row[key] = value if key in ("variant", "weight_bits", "start") else float(value)
-        if key in ("iters", "cd_sweeps", "refine_points", "refine_rounds", "chunk_rows"):
-            row[key] = int(row[key])
-        if key in ("learn_bias", "fit_scale", "refine"):
-            row[key] = bool(row[key])
-    return row
+def parse_row(text: str, base: SolverConfig) -> SolverConfig:
+    """``base`` with the row's comma-separated ``field=value`` pairs, parsed and checked as
+    the config file's transform.tsq section is."""
+    pairs = dict(pair.split("=", 1) for pair in filter(None, text.split(",")))
+    try:
+        return from_dict(SolverConfig, {**asdict(base), **pairs}, prefix="transform.tsq.")
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:
@@ -55,15 +50,8 @@ def main() -> None:
     print(f"run {args.run_dir}: step-1 top-1 {evaluate(step1, test):.2f}%")
     print("| setting | mean agreement | top-1 (%) | step-2 time (s) |\n|---|---|---|---|")
     for text in rows:
-        solver = {**asdict(SolverConfig()), **parse_row(text), "weight_bits": t.weight_bits}
-        tcfg = TransformConfig(
-            weight_bits=t.weight_bits,
-            mode=args.mode or t.mode,
-            positions_per_image=t.positions_per_image,
-            seed=cfg.seed,
-            verbose=False,
-            solver=SolverConfig(**solver),
-        )
+        solver = parse_row(text, t.tsq)
+        tcfg = ctx.transform_config(mode=args.mode or t.mode, verbose=False, method=solver)
         report: list[dict] = []
         start = time.perf_counter()
         model = transform(step1, calib, tcfg, report=report)

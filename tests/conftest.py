@@ -56,7 +56,7 @@ def tiny_run_args(tmp_path, tiny_fmnist):
         "finetune.epochs": 1,
         "transform.calib_images": 64,
         "transform.positions_per_image": 8,
-        "transform.iters": 3,
+        "transform.tsq.iters": 3,
         "threads": 1,
     }
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]

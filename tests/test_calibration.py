@@ -11,9 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tsquant
-from tsquant import QuantizedConv2d, TransformConfig
+from tsquant import QuantizedConv2d, SolverConfig, TransformConfig
 from tsquant.calibration import CalibrationError, draw_calibration
 from tsquant.models.common import bn2d
+
+from bn_helpers import with_bn_statistics
 
 
 def images(n=24, shape=(3, 8, 8), seed=0):
@@ -117,19 +119,6 @@ class TwoBlockNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.block2(self.block1(self.stem(x))))))
 
 
-def step1_of(model, x):
-    """Step-1 model with BN statistics of x (a few train-mode passes)."""
-    step1 = tsquant.prepare_step1(model, bits=2, eps=0.32)
-    for m in step1.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    step1.train()
-    with torch.no_grad():
-        for batch in x.split(8):
-            step1(batch)
-    return step1.eval()
-
-
 def weight_codes(model):
     return {
         n: (m.weight_codes.clone(), m.alpha.detach().clone(), m.bias.detach().clone())
@@ -145,7 +134,7 @@ def assert_same_codes(a, b):
             assert torch.equal(ta, tb), name
 
 
-CONFIG = TransformConfig(iters=3, positions_per_image=8, verbose=False)
+CONFIG = TransformConfig(method=SolverConfig(iters=3), positions_per_image=8, verbose=False)
 
 
 def test_inplace_residual_add_gives_the_same_codes_as_out_of_place():
@@ -157,7 +146,7 @@ def test_inplace_residual_add_gives_the_same_codes_as_out_of_place():
     reports = {}
     codes = {}
     for name, model in (("plain", plain), ("inplace", inplace)):
-        step1 = step1_of(model, x)
+        step1 = with_bn_statistics(tsquant.prepare_step1(model), x.split(8))
         reports[name] = []
         quantized = tsquant.transform(step1, list(x.split(8)), CONFIG, report=reports[name])
         codes[name] = weight_codes(quantized)
@@ -169,7 +158,7 @@ def test_inplace_residual_add_gives_the_same_codes_as_out_of_place():
 def test_shuffling_loader_one_shot_iterator_and_generator_equal_a_fixed_loader():
     torch.manual_seed(1)
     x = images(32, seed=1)
-    step1 = step1_of(TwoBlockNet(inplace=False), x)
+    step1 = with_bn_statistics(tsquant.prepare_step1(TwoBlockNet(inplace=False)), x.split(8))
     dataset = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
 
     def shuffling():
@@ -186,7 +175,7 @@ def test_shuffling_loader_one_shot_iterator_and_generator_equal_a_fixed_loader()
 def test_transform_leaves_the_callers_model_untouched():
     torch.manual_seed(2)
     x = images(16, seed=2)
-    step1 = step1_of(TwoBlockNet(inplace=True), x).train()
+    step1 = with_bn_statistics(tsquant.prepare_step1(TwoBlockNet(inplace=True)), x.split(8)).train()
     before = copy.deepcopy(step1.state_dict())
     quantized = tsquant.transform(step1, [x], CONFIG)
     assert step1.training and all(m.training for m in step1.modules())

@@ -23,7 +23,8 @@ def test_help_lists_stages_and_options(capsys):
         "report",
         "run",
         "codes.eps",
-        "transform.lam",
+        "transform.tsq.lam",
+        "memory.cache_mb",
         "default: 0.32",
     ):
         assert word in out

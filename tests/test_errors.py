@@ -56,7 +56,7 @@ CLI_CASES = {
     "missing data files": (["data.root={tmp}/nothing"], "Fashion-MNIST files not found under"),
     "bits out of range": (["codes.bits=9"], "codes.bits=9 is out of range: use 1..8"),
     "eps < 0": (["codes.eps=-0.1"], "codes.eps=-0.1 is out of range: use eps >= 0"),
-    "lambda <= 0": (["transform.lam=0"], "transform.lam=0.0 is out of range: use lam > 0"),
+    "lambda <= 0": (["transform.tsq.lam=0"], "transform.tsq: lam must be a finite number > 0"),
     "weight bits": (["transform.weight_bits=9"], "transform.weight_bits: unknown weight format"),
     "unknown key": (["trainn.epochs=1"], "did you mean 'train'"),
     "unknown nested key": (["codes.epsilon=0.3"], "did you mean 'codes.eps'"),

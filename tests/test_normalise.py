@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tsquant
-from tsquant import SparseQuantizer, TransformConfig
+from tsquant import SolverConfig, SparseQuantizer, TransformConfig
 from tsquant.export import IntegerRuntime, export_model
 from tsquant.export.verify import quantizer_codes
 from tsquant.normalise import normalise, unwrap
 from tsquant.surgery import SurgeryError, analyse
+
+from bn_helpers import with_bn_statistics
 
 
 class OptionA(nn.Module):
@@ -153,22 +155,6 @@ MODELS = {
 }
 
 
-def random_statistics(model, x):
-    """Affine BN with non-trivial gamma/beta and running statistics from x."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-            m.momentum = None
-            if m.affine:
-                with torch.no_grad():
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.3, 0.3)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
-
-
 def images(n=32, seed=0):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -177,7 +163,7 @@ def images(n=32, seed=0):
 def test_normalised_model_computes_the_same_function(name):
     torch.manual_seed(0)
     x = images()
-    model = random_statistics(MODELS[name](), x)
+    model = with_bn_statistics(MODELS[name](), x, random_affine=True)
     normalised = normalise(model)
     assert isinstance(normalised, torch.fx.GraphModule)
     with torch.no_grad():
@@ -193,11 +179,11 @@ def test_normalised_model_computes_the_same_function(name):
 def test_users_model_through_step2_export_and_integer_runtime(name, tmp_path):
     torch.manual_seed(0)
     x = images(48)
-    model = random_statistics(MODELS[name](), x)
+    model = with_bn_statistics(MODELS[name](), x, random_affine=True)
     step1 = tsquant.prepare_step1(model)
     assert any(isinstance(m, SparseQuantizer) for m in step1.modules())
-    step1 = random_statistics(step1, x)
-    cfg = TransformConfig(iters=3, positions_per_image=8, verbose=False)
+    step1 = with_bn_statistics(step1, x, random_affine=True)
+    cfg = TransformConfig(method=SolverConfig(iters=3), positions_per_image=8, verbose=False)
     quantized = tsquant.transform(step1, list(x.split(16)), cfg)
     exported = export_model(quantized, tmp_path / "export", [3, 8, 8])
     test = images(64, seed=1)
@@ -222,7 +208,7 @@ def test_affine_bn_kept_computes_the_fp_pre_activations():
     model; 'fold' (the paper's non-affine BN) drops beta and |gamma| for step 1 to re-learn."""
     torch.manual_seed(0)
     x = images()
-    model = random_statistics(CifarResNetFunctional(), x)
+    model = with_bn_statistics(CifarResNetFunctional(), x, random_affine=True)
 
     def with_relus(net):
         for name, m in list(net.named_modules()):
@@ -299,7 +285,7 @@ class InplaceModuleReLU(nn.Module):
 def test_unused_result_of_an_inplace_relu_module_keeps_its_effect():
     torch.manual_seed(0)
     x = images(8)
-    model = random_statistics(InplaceModuleReLU(), x)
+    model = with_bn_statistics(InplaceModuleReLU(), x, random_affine=True)
     normalised = normalise(model)
     with torch.no_grad():
         torch.testing.assert_close(normalised(x), model(x), rtol=1e-5, atol=1e-5)

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import tsquant
-from tsquant import TransformConfig
+from tsquant import SolverConfig, TransformConfig
 from tsquant.fileio import CheckpointError
 from tsquant.models import build_model
+
+from bn_helpers import with_bn_statistics
 
 
 class UserNet(nn.Module):
@@ -26,28 +28,18 @@ class UserNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def with_statistics(model, x):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
-
-
 def images(n=16, seed=0):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-CONFIG = TransformConfig(iters=2, positions_per_image=8, verbose=False)
+CONFIG = TransformConfig(method=SolverConfig(iters=2), positions_per_image=8, verbose=False)
 
 
 def test_builtin_model_round_trips_by_itself(tmp_path):
     torch.manual_seed(0)
     x = images()
     kwargs = {"num_classes": 10, "in_channels": 3, "image_size": 8, "width": 4}
-    step1 = with_statistics(tsquant.prepare_step1(build_model("resnet20", **kwargs)), x)
+    step1 = with_bn_statistics(tsquant.prepare_step1(build_model("resnet20", **kwargs)), x)
     quantized = tsquant.transform(
         step1, [x], TransformConfig(**{**CONFIG.__dict__, "weight_bits": 2})
     )
@@ -62,7 +54,7 @@ def test_builtin_model_round_trips_by_itself(tmp_path):
 def test_users_model_loads_with_its_architecture_given(tmp_path):
     torch.manual_seed(1)
     x = images(seed=1)
-    step1 = with_statistics(tsquant.prepare_step1(UserNet(), affine_bn="keep"), x)
+    step1 = with_bn_statistics(tsquant.prepare_step1(UserNet(), affine_bn="keep"), x)
     quantized = tsquant.transform(step1, [x], CONFIG)
     tsquant.save(quantized, tmp_path / "q")
     loaded = tsquant.load(tmp_path / "q", model=UserNet())

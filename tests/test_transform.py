@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import copy
+import importlib
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from torch import nn
 
 import tsquant
-from tsquant import QuantizedConv2d, QuantizedLinear, SparseQuantizer, TransformConfig
+from tsquant import (
+    QuantizedConv2d,
+    QuantizedLinear,
+    SolverConfig,
+    SparseQuantizer,
+    TransformConfig,
+)
 from tsquant.models import build_model
 from tsquant.surgery import check_weights_on_grid
+from tsquant.transform import MemoryConfig
+
+from bn_helpers import step1_with_statistics
 
 
 def calibration(shape, batches, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(*shape, generator=gen), torch.zeros(shape[0])) for _ in range(batches)]
-
-
-def with_bn_statistics(model, loader):
-    """A few train-mode passes so the BNs hold the statistics of the calibration data."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        for x, _ in loader:
-            model(x)
-    return model.eval()
-
-
-def step1_model(name, loader, **kwargs):
-    model = with_bn_statistics(build_model(name, **kwargs), loader)
-    return with_bn_statistics(tsquant.prepare_step1(model), loader)
 
 
 def quantized_layers(model):
@@ -69,10 +62,14 @@ def check_quantized_model(
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_small_cnn_sequential_and_parallel(mode):
     loader = calibration((8, 1, 12, 12), batches=3)
-    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
     reference = copy.deepcopy(step1)
     report = []
-    cfg = TransformConfig(mode=mode, iters=3, positions_per_image=8, verbose=False)
+    cfg = TransformConfig(
+        mode=mode, method=SolverConfig(iters=3), positions_per_image=8, verbose=False
+    )
     model_q = tsquant.transform(step1, loader, cfg, report=report)
     expected = ["conv2.conv", "conv3.conv", "conv4.conv"]
     check_quantized_model(model_q, step1, loader, expected, "conv1.conv", "classifier")
@@ -98,10 +95,12 @@ def test_small_cnn_sequential_and_parallel(mode):
 
 def test_quantize_first_and_last_layer_with_two_bit_weights():
     loader = calibration((8, 1, 12, 12), batches=2, seed=1)
-    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
     cfg = TransformConfig(
         weight_bits=2,
-        iters=2,
+        method=SolverConfig(iters=2),
         positions_per_image=8,
         verbose=False,
         first_layer="quantize",
@@ -120,9 +119,11 @@ def test_quantize_first_and_last_layer_with_two_bit_weights():
 
 def test_residual_model_sequential():
     loader = calibration((4, 3, 8, 8), batches=2, seed=2)
-    step1 = step1_model("resnet20", loader, image_size=8, width=4)
+    step1 = step1_with_statistics(build_model("resnet20", image_size=8, width=4), loader)
     report = []
-    cfg = TransformConfig(mode="sequential", iters=3, positions_per_image=8, verbose=False)
+    cfg = TransformConfig(
+        mode="sequential", method=SolverConfig(iters=3), positions_per_image=8, verbose=False
+    )
     model_q = tsquant.transform(step1, loader, cfg, report=report)
     convs = [n for n, m in step1.named_modules() if isinstance(m, nn.Conv2d)]
     assert convs[0] == "stem.conv" and len(convs) == 19
@@ -135,9 +136,11 @@ def test_residual_model_sequential():
 
 def test_empty_calibration_loader_raises():
     loader = calibration((4, 1, 12, 12), batches=1)
-    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
     with pytest.raises(ValueError, match="no images"):
-        tsquant.transform(step1, [], TransformConfig(iters=1, verbose=False))
+        tsquant.transform(step1, [], TransformConfig(method=SolverConfig(iters=1), verbose=False))
 
 
 def test_bad_transform_options():
@@ -148,23 +151,27 @@ def test_bad_transform_options():
     with pytest.raises(ValueError, match="positions_per_image"):
         TransformConfig(positions_per_image=0)
     with pytest.raises(ValueError, match="mmap_threshold_mb"):
-        TransformConfig(mmap_threshold_mb=-1)
+        MemoryConfig(mmap_threshold_mb=-1)
     with pytest.raises(ValueError, match="cache_mb"):
-        TransformConfig(cache_mb=1.5)
+        MemoryConfig(cache_mb=1.5)
     with pytest.raises(ValueError, match="weight format"):
         TransformConfig(weight_bits="binary")
     with pytest.raises(ValueError, match="lam"):
-        TransformConfig(lam=0.0)
+        TransformConfig(method=SolverConfig(lam=0.0))
 
 
 def test_sequential_mode_feeds_the_quantized_network_forward():
     """Both modes see the same input at the first quantized layer (after the FP first layer);
     from the second on, sequential mode regresses on the outputs of already quantized layers."""
     loader = calibration((8, 1, 12, 12), batches=2, seed=3)
-    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
     models = {}
     for mode in ("sequential", "parallel"):
-        cfg = TransformConfig(mode=mode, iters=3, positions_per_image=8, verbose=False)
+        cfg = TransformConfig(
+            mode=mode, method=SolverConfig(iters=3), positions_per_image=8, verbose=False
+        )
         models[mode] = tsquant.transform(step1, loader, cfg)
     seq, par = models["sequential"].conv2.conv, models["parallel"].conv2.conv
     assert torch.equal(seq.weight, par.weight) and torch.equal(seq.bias, par.bias)
@@ -173,8 +180,9 @@ def test_sequential_mode_feeds_the_quantized_network_forward():
 
 
 def test_otwa_method_quantizes_the_folded_step1_weights_without_data():
+    from tsquant import prepare_step1
     from tsquant.quantizers.weight import ternarize
-    from tsquant.surgery import analyse, bn_affine, prepare_step1
+    from tsquant.surgery import analyse, bn_affine
 
     torch.manual_seed(0)
     step1 = prepare_step1(build_model("small_cnn", num_classes=10, in_channels=1, image_size=28))
@@ -216,8 +224,10 @@ def test_sampled_patches_equal_unfold_at_the_same_positions(kernel, stride, padd
 
 def test_step2_is_bit_identical_across_runs_on_the_cpu():
     loader = calibration((16, 3, 32, 32), 2)
-    step1 = step1_model("resnet20", loader)
-    cfg = TransformConfig(positions_per_image=8, iters=4, verbose=False, seed=3)
+    step1 = step1_with_statistics(build_model("resnet20"), loader)
+    cfg = TransformConfig(
+        positions_per_image=8, method=SolverConfig(iters=4), verbose=False, seed=3
+    )
     first = tsquant.transform(copy.deepcopy(step1), loader, cfg).state_dict()
     second = tsquant.transform(copy.deepcopy(step1), loader, cfg).state_dict()
     assert first.keys() == second.keys()
@@ -233,7 +243,7 @@ def test_targets_from_one_pass_line_up_with_each_layers_inputs():
     from tsquant.surgery import analyse, bn_affine, quantizable_layers
 
     loader = calibration((8, 3, 32, 32), 2)
-    step1 = step1_model("resnet20", loader)
+    step1 = step1_with_statistics(build_model("resnet20"), loader)
     cfg = TransformConfig(positions_per_image=5, verbose=False)
     todo = quantizable_layers(analyse(step1), "fp", "fp")
     wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if layer.kind == "coded"}
@@ -255,20 +265,45 @@ def test_targets_from_one_pass_line_up_with_each_layers_inputs():
         assert (codes == targets[i].to_tensor()).float().mean() > 0.99
 
 
-def test_solver_settings_reach_the_solver_unchanged():
-    from tsquant.solver import SolverConfig
+def test_solver_settings_reach_the_solver_unchanged(monkeypatch):
+    step2 = importlib.import_module("tsquant.transform")  # the module, not the function
+    seen = []
 
-    nested = TransformConfig(solver=SolverConfig(lam=5.0, iters=3))
-    assert (nested.solver.lam, nested.solver.iters) == (5.0, 3)
-    assert (nested.lam, nested.iters) == (5.0, 3)
-    top = TransformConfig(lam=2.0, variant="paper", weight_bits=2)
-    assert (top.solver.lam, top.solver.variant, top.solver.weight_bits) == (2.0, "paper", 2)
-    assert TransformConfig(lam=5.0, solver=SolverConfig(lam=5.0)).solver.lam == 5.0
-    with pytest.raises(ValueError, match="give it once"):
-        TransformConfig(lam=2.0, solver=SolverConfig(lam=5.0))
-    assert TransformConfig(solver=SolverConfig(weight_bits=2)).weight_bits == 2
-    with pytest.raises(ValueError, match="give it once"):
-        TransformConfig(weight_bits=3, solver=SolverConfig(weight_bits=2))
+    def spy(*args, config, **kwargs):
+        seen.append(config)
+        return solve_layer(*args, config=config, **kwargs)
+
+    solve_layer = step2.solve_layer
+    monkeypatch.setattr(step2, "solve_layer", spy)
+    loader = calibration((8, 1, 12, 12), batches=1, seed=6)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
+    chosen = SolverConfig(lam=5.0, iters=3, margin=0.1, variant="paper")
+    cfg = TransformConfig(weight_bits=2, method=chosen, positions_per_image=8, verbose=False)
+    tsquant.transform(step1, loader, cfg)
+    assert seen and all(c == replace(chosen, weight_bits=2) for c in seen)
+    # the format is given once: on TransformConfig (per layer: layer_formats)
+    with pytest.raises(ValueError, match="give the format once"):
+        TransformConfig(weight_bits=3, method=SolverConfig(weight_bits=2))
+    with pytest.raises(ValueError, match="variant paper starts from"):
+        SolverConfig(variant="paper", start="gptq")
+    assert SolverConfig(variant="paper").effective.start == "otwa"
+    assert SolverConfig().effective.start == "gptq"
+
+
+def test_methods_are_chosen_by_name_or_by_their_config_object():
+    from tsquant.baselines.adaround import AdaRoundConfig
+    from tsquant.transform import OTWAConfig
+
+    assert TransformConfig(method="otwa").method == OTWAConfig()
+    assert TransformConfig(method="adaround").method == AdaRoundConfig()
+    assert TransformConfig(method=AdaRoundConfig(iters=7)).method_name == "adaround"
+    assert TransformConfig().method == SolverConfig()
+    with pytest.raises(ValueError, match="tsq, adaround, otwa"):
+        TransformConfig(method="gptq")
+    with pytest.raises(ValueError, match="config object"):
+        TransformConfig(method={"lam": 3.0})
 
 
 def test_step2_methods_are_a_registry_and_transform_records_its_plan():
@@ -276,7 +311,11 @@ def test_step2_methods_are_a_registry_and_transform_records_its_plan():
 
     calls = []
 
-    @register_step2_method("otwa_twice", needs_data=False)
+    @dataclass(frozen=True)
+    class TwiceConfig:
+        pass
+
+    @register_step2_method("otwa_twice", TwiceConfig, needs_data=False)
     def otwa_twice(task):
         calls.append(task.layer.name)
         return STEP2_METHODS["otwa"].solve(task)
@@ -304,11 +343,18 @@ def test_per_layer_weight_formats_by_pattern_or_function(tmp_path):
     from tsquant.transform import step2_plan
 
     loader = calibration((8, 1, 12, 12), batches=2, seed=4)
-    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
     by_pattern = {"conv3*": 2, "conv4.conv": "narrow:3"}
     by_function = {"conv3.conv": 2, "conv4.conv": "narrow:3"}.get
     for formats in (by_pattern, by_function):
-        cfg = TransformConfig(iters=2, positions_per_image=8, verbose=False, layer_formats=formats)
+        cfg = TransformConfig(
+            method=SolverConfig(iters=2),
+            positions_per_image=8,
+            verbose=False,
+            layer_formats=formats,
+        )
         model_q = tsquant.transform(step1, loader, cfg)
         codes = {
             n: set(m.weight_codes.unique().tolist()) for n, m in quantized_layers(model_q).items()
@@ -330,12 +376,14 @@ def test_per_layer_weight_formats_by_pattern_or_function(tmp_path):
 
 def test_otwa_with_int8_boundaries_draws_calibration_data_for_their_scales():
     loader = calibration((8, 1, 12, 12), batches=2, seed=5)
-    step1 = step1_model("small_cnn", loader, in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(
+        build_model("small_cnn", in_channels=1, image_size=12, width=4), loader
+    )
     cfg = TransformConfig(method="otwa", first_layer="int8", last_layer="int8", verbose=False)
     model_q = tsquant.transform(step1, loader, cfg)
     assert model_q.get_submodule("input_quantizer").scale > 0
-    with pytest.raises(ValueError, match="max_images"):
-        TransformConfig(max_images=0)
+    with pytest.raises(ValueError, match="calib_images"):
+        TransformConfig(calib_images=0)
 
 
 def test_quantizer_parameters_stay_float64_through_float_and_half():

@@ -5,6 +5,7 @@ Step 2 (transformation-function learning): :func:`solve_layer` for one layer and
 :func:`transform` for a whole model.
 """
 
+from .baselines.adaround import AdaRoundConfig
 from .quantizers import (
     InputQuantizer,
     QuantizedConv2d,
@@ -15,14 +16,17 @@ from .quantizers import (
 )
 from .serialization import load, save
 from .solver import LayerSolution, SolverConfig, solve_layer
-from .surgery import SurgeryError, analyse, prepare_step1
-from .transform import TransformConfig, transform
-
-__version__ = "0.1.0"
+from .step1 import prepare_step1
+from .surgery import SurgeryError, analyse
+from .transform import MemoryConfig, OTWAConfig, TransformConfig, register_step2_method, transform
+from .version import __version__
 
 __all__ = [
+    "AdaRoundConfig",
     "InputQuantizer",
     "LayerSolution",
+    "MemoryConfig",
+    "OTWAConfig",
     "QuantizedConv2d",
     "QuantizedLinear",
     "SolverConfig",
@@ -34,6 +38,7 @@ __all__ = [
     "load",
     "save",
     "prepare_step1",
+    "register_step2_method",
     "solve_layer",
     "ternarize",
     "transform",

@@ -182,7 +182,7 @@ def capture_targets(step1: nn.Module, wanted: dict, loader, cfg) -> dict[int, Ro
     stores = {i: RowStore() for i in wanted}
     try:
         with torch.no_grad():
-            for x in calibration_batches(loader, cfg.max_images, cfg.device):
+            for x in calibration_batches(loader, cfg.calib_images, cfg.device):
                 for index, rows in cap.run(x).items():
                     stores[index].append(rows)
     finally:
@@ -190,17 +190,20 @@ def capture_targets(step1: nn.Module, wanted: dict, loader, cfg) -> dict[int, Ro
     return stores
 
 
-def capture_layer_inputs(layer: Layer, index: int, source: nn.Module, loader, cfg, offsets: bool):
+def capture_layer_inputs(
+    layer: Layer, index: int, source: nn.Module, loader, cfg, offsets: bool, cache_mb: int = 128
+):
     """Row stores of X and (offsets: True) the residual offsets of the index-th solved layer,
     from one forward pass of ``source`` per batch, at the positions its targets were sampled
-    at. Without offsets this is the data pass any solver of the layer's statistics needs."""
+    at, keeping up to ``cache_mb`` MB decoded for the solver's passes. Without offsets this is
+    the data pass any solver of the layer's statistics needs."""
     gen = layer_positions(cfg.seed, index)
     wanted = {"x": (layer.name, "input"), "out": (layer.name, "output")}
     if offsets:
         wanted |= {"bn": (layer.bn, "output"), "pre": (layer.activation, "input")}
     module = source.get_submodule(layer.name)
     # one block per calibration batch, kept compactly (step-1 codes take a few values)
-    budget = CacheBudget(cfg.cache_mb * 2**20)
+    budget = CacheBudget(cache_mb * 2**20)
     xs = RowStore(cache=budget)
     offs = RowStore(cache=budget) if offsets else None
 
@@ -212,7 +215,7 @@ def capture_layer_inputs(layer: Layer, index: int, source: nn.Module, loader, cf
     cap = Capture(source, wanted, reduce)
     try:
         with torch.no_grad():
-            for x in calibration_batches(loader, cfg.max_images, cfg.device):
+            for x in calibration_batches(loader, cfg.calib_images, cfg.device):
                 got = cap.run(x)
                 pos = got["out"]
                 offset = got["pre"] - got["bn"] if offs is not None else None

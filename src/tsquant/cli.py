@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from .version import __version__
 
         print(f"tsquant {__version__}")
         return 0

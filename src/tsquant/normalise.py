@@ -1,6 +1,6 @@
 """Graph normalisation: the idioms of users' models rewritten into the modules tsquant analyses.
 
-Before a model is analysed (``surgery.prepare_step1``), its ``forward`` is traced with torch.fx
+Before a model is analysed (``tsquant.prepare_step1``), its ``forward`` is traced with torch.fx
 and rewritten, in the manner of Brevitas' functional-to-module passes:
 
 - ``F.relu`` / ``torch.relu`` / ``x.relu()`` and their in-place forms become ``nn.ReLU``

@@ -95,6 +95,14 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _step2_summary(t) -> str:
+    """e.g. "tsq, sequential, variant tsquant, lam 3.0" """
+    summary = f"{t.method}, {t.mode}"
+    if t.method == "tsq":
+        summary += f", variant {t.tsq.variant}, lam {t.tsq.lam}"
+    return summary
+
+
 def write_report(ctx) -> Path:
     out = ctx.stage_dir("report")
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +114,7 @@ def write_report(ctx) -> Path:
         f"Model `{made.model.name}` on {ctx.dataset('test').title or ctx.cfg.data.dataset} "
         f"({len(ctx.dataset('test'))} test images); activations {made.codes.bits}-bit with "
         f"eps={made.codes.eps}, weights {made.transform.weight_bits} "
-        f"(step 2: {made.transform.method}, {made.transform.mode}, variant "
-        f"{made.transform.variant}, lam {made.transform.lam}).",
+        f"(step 2: {_step2_summary(made.transform)}).",
         "",
     ]
     results = ctx.stage_dir("eval") / "results.json"

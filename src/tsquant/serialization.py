@@ -24,7 +24,7 @@ from .fileio import (
 )
 from .quantizers.modules import QuantizedConv2d, QuantizedLinear
 from .quantizers.weight import WeightGrid
-from .surgery import analyse, apply_boundary, get_record, prepare_step1, write_back
+from .surgery import analyse, apply_boundary, convert_to_step1, get_record, write_back
 
 FORMAT = "tsquant-model"
 TENSOR_FILE = "model.safetensors"
@@ -102,7 +102,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             "truncated): save the model again"
         )
     fp = _fp_network(structure.get("architecture"), model, folder)
-    built = prepare_step1(fp, check_export=False, **structure["prepare_step1"])
+    built = convert_to_step1(fp, **structure["prepare_step1"])
     layers = {layer.name: layer for layer in analyse(built)}
     for name, bounds in structure["quantized_layers"].items():
         if name not in layers:

@@ -4,7 +4,7 @@
 
     Conv2d/Linear -> BatchNorm (no affine) -> [+ shortcut] -> ReLU
 
-``prepare_step1`` turns a trained FP model into the step-1 TSQ model (TSQ-METHOD.md, step 1):
+``convert_to_step1`` turns a trained FP model into the step-1 TSQ model (TSQ-METHOD.md, step 1):
 affine BNs are folded into the previous layer and replaced by non-affine BNs, and every ReLU
 becomes a :class:`SparseQuantizer`. ``write_back`` puts a step-2 solution into the model.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.fx
@@ -237,27 +238,16 @@ def _fold_affine_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     return new_bn.to(bn.running_mean.device)
 
 
-def prepare_step1(
+def convert_to_step1(
     model: nn.Module,
     bits: int = 2,
     eps: float = 0.32,
     keep_head_input_fp: bool = True,
     inplace: bool = False,
     affine_bn: str = "fold",
-    check_export: bool = True,
 ) -> nn.Module:
-    """FP model -> step-1 model: ReLUs replaced by sparse quantizers (TSQ-METHOD.md, step 1).
-
-    The model is first normalised (:mod:`tsquant.normalise`: functional ReLUs, view-flattens,
-    conv biases, torch.compile wrappers), so users' models work as they are written.
-    ``affine_bn``: "fold" (the paper's non-affine BN before each quantizer: gamma's sign and the
-    statistics are folded into the layer, |gamma| and beta dropped for step 1 to re-learn) or
-    "keep" (affine BNs stay as they are, trainable; the converted model computes the FP
-    network's pre-activations exactly, and step 2 folds gamma and beta into alpha and the bias).
-    ``keep_head_input_fp`` keeps a full-precision ReLU on the input of the last layer, as in the
-    authors' released AlexNet (spec, "Released AlexNet layout"). ``check_export`` reports, before
-    any training, an operation the integer export could not write.
-    """
+    """FP model -> step-1 model, the conversion of :func:`tsquant.prepare_step1` (which adds
+    the export check and documents the options)."""
     if affine_bn not in ("fold", "keep"):
         raise SurgeryError(f"affine_bn must be 'fold' or 'keep', got {affine_bn!r}")
     prepared = normalise(model)
@@ -285,8 +275,6 @@ def prepare_step1(
     # what tsquant.save records to rebuild this structure
     options = {"bits": bits, "eps": eps, "keep_head_input_fp": keep_head_input_fp}
     set_record(prepared, "tsquant_step1", {**options, "affine_bn": affine_bn})
-    if check_export:
-        check_exportable(prepared, "pass check_export=False to quantize without the export")
     return prepared
 
 
@@ -302,16 +290,6 @@ def get_record(model: nn.Module, key: str) -> dict | None:
     if found is None and isinstance(model, torch.fx.GraphModule):
         found = model.meta.get(key)
     return found
-
-
-def check_exportable(model: nn.Module, otherwise: str) -> None:
-    """Raise SurgeryError, before any work, when the integer export could not write the model."""
-    from .export.graph import ExportError, build_graph  # the export builds on surgery
-
-    try:
-        build_graph(model)
-    except ExportError as exc:
-        raise SurgeryError(f"{exc} ({otherwise})") from None
 
 
 def swap_for_qat(
@@ -337,7 +315,7 @@ def swap_for_qat(
 
 
 INT8 = "narrow:8"  # the boundary layers' format: per-channel symmetric 8-bit weights
-BOUNDARY_POLICIES = ("fp", "quantize", "int8")
+BoundaryPolicy = Literal["fp", "quantize", "int8"]  # the first and last layers: see transform
 
 
 def add_input_quantizer(model: nn.Module, quantizer: InputQuantizer) -> nn.Module:
@@ -468,7 +446,7 @@ __all__ = [
     "Layer",
     "SurgeryError",
     "analyse",
-    "prepare_step1",
+    "convert_to_step1",
     "write_back",
     "quantizable_layers",
     "bn_affine",

@@ -12,7 +12,8 @@ import copy
 import fnmatch
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from .baselines.adaround import AdaRoundConfig, adaround_layer
 from .calibration import draw_calibration
 from .capture import Capture, capture_layer_inputs, capture_targets
+from .options import check_choices, option
 from .quantizers.activation import SparseQuantizer
 from .quantizers.modules import InputQuantizer
 from .quantizers.weight import WeightGrid, quantize_to_grid
@@ -32,8 +34,8 @@ from .solver.rows import (
     release_freed_memory,
 )
 from .surgery import (
-    BOUNDARY_POLICIES,
     INT8,
+    BoundaryPolicy,
     Layer,
     add_input_quantizer,
     analyse,
@@ -48,64 +50,70 @@ from .surgery import (
 )
 
 
-@dataclass
-class TransformConfig:
-    """Options of step 2 over a model; every field has a default (see README, "Step 2")."""
+@dataclass(frozen=True)
+class OTWAConfig:
+    """Method ``otwa``: each layer's BN-folded step-1 weights quantized per channel (OTWA for
+    ternary), no data: the HWGQ-style baseline without step 2. It has no options."""
 
-    weight_bits: str | int = "ternary"
-    # per-layer weight formats: {layer-name pattern (fnmatch): format}, the first matching
-    # pattern wins; or a function layer name -> format (None: weight_bits). torchao's
-    # filter_fn / per-module config, for mixed precision
-    layer_formats: dict | Callable[[str], str | int | None] | None = None
-    # "tsq": the step-2 solver; "otwa": each layer's BN-folded step-1 weights quantized directly
-    # per channel (OTWA for ternary), no data: the HWGQ-style baseline without step 2;
-    # "adaround": learned rounding on the same captured problem (tsquant.baselines.adaround)
-    method: str = "tsq"
-    adaround_iters: int = 10_000
-    mode: str = "sequential"  # or "parallel": inputs are the step-1 codes
-    # shortcuts for the solver's options (None: the value in `solver`); giving one here and a
-    # different one in `solver` is an error, so no setting is silently dropped
-    lam: float | None = None
-    iters: int | None = None
-    variant: str | None = None  # "tsquant" or "paper"
-    start: str | None = None  # "gptq" or "otwa": how the step-1 weights are rounded
-    positions_per_image: int = 64  # sampled output positions per image for conv layers
-    cache_mb: int = 128  # per layer: decoded rows and bin bounds kept for the solver's passes
-    # heap blocks this large or larger go to mmap (glibc; 0: leave the allocator alone): less
-    # peak memory, but every such block is a fresh mapping to fault in (ResNet-20, 1,024 images:
-    # 4 MB took 174 s against 85 s, README "Step 2 at scale"), so it is opt-in
-    mmap_threshold_mb: int = 0
-    max_images: int | None = None  # cap on calibration images (None: the whole loader)
-    input_key: str | None = None  # dict batches: the images' key (None: tsquant.calibration)
-    first_layer: str = "fp"  # "fp" or "quantize"
-    last_layer: str = "fp"
-    seed: int = 0
-    device: str = "cpu"
-    verbose: bool = True
-    solver: SolverConfig = field(default_factory=SolverConfig)
+
+@dataclass
+class MemoryConfig:
+    """How step 2 trades speed for memory; results do not depend on it."""
+
+    cache_mb: int = option(
+        128, "MB per layer of decoded rows and bin bounds kept for the solver's passes"
+    )
+    mmap_threshold_mb: int = option(
+        0,
+        "allocations of this many MB or more go back to the OS when freed (glibc; 0: the "
+        "allocator is left alone): less peak memory, slower step 2; restored afterwards",
+    )
 
     def __post_init__(self):
-        if self.method not in STEP2_METHODS:
-            raise ValueError(f"method must be one of {sorted(STEP2_METHODS)}, got {self.method!r}")
-        if self.mode not in ("sequential", "parallel"):
-            raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
-        for name in ("first_layer", "last_layer"):
-            if getattr(self, name) not in BOUNDARY_POLICIES:
-                raise ValueError(
-                    f"{name} must be 'fp', 'quantize' or 'int8', got {getattr(self, name)!r}"
-                )
-        if self.max_images is not None and (
-            not isinstance(self.max_images, int) or self.max_images < 1
-        ):
-            raise ValueError(f"max_images must be None or an integer >= 1, got {self.max_images!r}")
-        if not isinstance(self.positions_per_image, int) or self.positions_per_image < 1:
-            raise ValueError(
-                f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}"
-            )
         for name in ("cache_mb", "mmap_threshold_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclass
+class TransformConfig:
+    """Options of step 2 over a model; every field has a default (see README, "Step 2").
+
+    ``method`` is the step-2 method with its options, as a config object (SolverConfig: tsq,
+    AdaRoundConfig: adaround, OTWAConfig: otwa, or the config class of a method added with
+    :func:`register_step2_method`), or a method's name for its default options; after
+    construction it is always the config object."""
+
+    weight_bits: str | int = "ternary"  # every quantized layer's format, unless layer_formats
+    # per-layer weight formats: {layer-name pattern (fnmatch): format}, the first matching
+    # pattern wins; or a function layer name -> format (None: weight_bits). torchao's
+    # filter_fn / per-module config, for mixed precision
+    layer_formats: dict | Callable[[str], str | int | None] | None = None
+    method: Any = "tsq"
+    mode: Literal["sequential", "parallel"] = "sequential"  # parallel: inputs are step-1 codes
+    calib_images: int | None = None  # calibration images drawn from the loader (None: all)
+    positions_per_image: int = 64  # sampled output positions per image for conv layers
+    input_key: str | None = None  # dict batches: the images' key (None: tsquant.calibration)
+    first_layer: BoundaryPolicy = "fp"
+    last_layer: BoundaryPolicy = "fp"
+    seed: int = 0
+    device: str = "cpu"
+    verbose: bool = True
+
+    def __post_init__(self):
+        check_choices(self)
+        self.method = step2_method(self.method).options_of(self.method)
+        if self.calib_images is not None and (
+            not isinstance(self.calib_images, int) or self.calib_images < 1
+        ):
+            raise ValueError(
+                f"calib_images must be None or an integer >= 1, got {self.calib_images!r}"
+            )
+        if not isinstance(self.positions_per_image, int) or self.positions_per_image < 1:
+            raise ValueError(
+                f"positions_per_image must be an integer >= 1, got {self.positions_per_image!r}"
+            )
         WeightGrid.from_spec(self.weight_bits)
         if isinstance(self.layer_formats, dict):
             for pattern, spec in self.layer_formats.items():
@@ -118,28 +126,20 @@ class TransformConfig:
                 "layer_formats must be a dict {layer-name pattern: format} or a function of the "
                 f"layer name, got {type(self.layer_formats).__name__}"
             )
-        defaults = SolverConfig()
-        merged = asdict(self.solver)
-        grid, solver_grid = WeightGrid.from_spec(self.weight_bits), merged["weight_bits"]
-        if grid == WeightGrid.from_spec(defaults.weight_bits):
-            self.weight_bits = solver_grid  # set only in the solver (or nowhere)
-        elif WeightGrid.from_spec(solver_grid) not in (grid, WeightGrid.from_spec("ternary")):
+        solver_bits = getattr(self.method, "weight_bits", None)
+        if solver_bits is not None and WeightGrid.from_spec(solver_bits) not in (
+            WeightGrid.from_spec(self.weight_bits),
+            WeightGrid.from_spec(SolverConfig().weight_bits),
+        ):
             raise ValueError(
-                f"TransformConfig.weight_bits={self.weight_bits!r} but "
-                f"solver.weight_bits={solver_grid!r}: give it once"
+                f"weight_bits={self.weight_bits!r} but the method's weight_bits={solver_bits!r}: "
+                "give the format once, as TransformConfig(weight_bits=...) (layer_formats for "
+                "single layers)"
             )
-        merged["weight_bits"] = self.weight_bits
-        for name in ("lam", "iters", "variant", "start"):
-            mine, theirs = getattr(self, name), merged[name]
-            if mine is not None and theirs != getattr(defaults, name) and theirs != mine:
-                raise ValueError(
-                    f"TransformConfig.{name}={mine!r} but solver.{name}={theirs!r}: give it once"
-                )
-            if mine is not None:
-                merged[name] = mine
-        self.solver = SolverConfig(**merged)
-        for name in ("lam", "iters", "variant", "start"):
-            setattr(self, name, merged[name])  # read back: one value per concept
+
+    @property
+    def method_name(self) -> str:
+        return step2_method(self.method).name
 
 
 def _target_kind(step1: nn.Module, layer: Layer) -> str:
@@ -221,27 +221,50 @@ class LayerTask:
 @dataclass(frozen=True)
 class Step2Method:
     name: str
+    options: type  # the method's config class: one per method, its fields the method's options
     solve: Callable[[LayerTask], LayerSolution]
     needs_data: bool = True
+
+    def options_of(self, method) -> object:
+        """The method's config object: ``method`` itself, or the defaults for its name."""
+        return self.options() if isinstance(method, str) else method
 
 
 STEP2_METHODS: dict[str, Step2Method] = {}
 
 
-def register_step2_method(name: str, needs_data: bool = True):
-    """Decorator: ``solve(task: LayerTask) -> LayerSolution`` becomes ``method: name``."""
+def register_step2_method(name: str, options: type, needs_data: bool = True):
+    """Decorator: ``solve(task: LayerTask) -> LayerSolution`` becomes the step-2 method
+    ``name``, chosen by ``TransformConfig(method=name)`` or ``method=options(...)``; the solver
+    reads its options as ``task.config.method``."""
 
     def register(solve):
-        STEP2_METHODS[name] = Step2Method(name, solve, needs_data)
+        taken = next((m.name for m in STEP2_METHODS.values() if m.options is options), None)
+        if taken not in (None, name):
+            raise ValueError(f"{options.__name__} already configures method {taken!r}")
+        STEP2_METHODS[name] = Step2Method(name, options, solve, needs_data)
         return solve
 
     return register
 
 
-@register_step2_method("tsq")
+def step2_method(method) -> Step2Method:
+    """The registered method of a name or of a config object (looked up by its type)."""
+    if isinstance(method, str):
+        if method not in STEP2_METHODS:
+            raise ValueError(f"method must be one of {', '.join(STEP2_METHODS)}, got {method!r}")
+        return STEP2_METHODS[method]
+    for entry in STEP2_METHODS.values():
+        if type(method) is entry.options:
+            return entry
+    known = ", ".join(f"{m.options.__name__} ({m.name})" for m in STEP2_METHODS.values())
+    raise ValueError(f"method must be a method's name or config object ({known}), got {method!r}")
+
+
+@register_step2_method("tsq", SolverConfig)
 def _solve_tsq(task: LayerTask) -> LayerSolution:
     """The step-2 solver: coded layers by the alternation, linear targets by least squares."""
-    solver = replace(task.config.solver, weight_bits=task.weight_bits)
+    solver = replace(task.config.method, weight_bits=task.weight_bits)
     if task.quantizer is not None:
         return solve_layer(
             task.X,
@@ -255,10 +278,9 @@ def _solve_tsq(task: LayerTask) -> LayerSolution:
     return solve_linear_layer(task.X, task.Y, init=task.init, bias=task.bias, config=solver)
 
 
-@register_step2_method("adaround")
+@register_step2_method("adaround", AdaRoundConfig)
 def _solve_adaround(task: LayerTask) -> LayerSolution:
     """AdaRound-style learned rounding of the same captured problem (baseline)."""
-    cfg = task.config
     return adaround_layer(
         task.X,
         task.Y,
@@ -267,11 +289,12 @@ def _solve_adaround(task: LayerTask) -> LayerSolution:
         task.weight_bits,
         bias=task.bias,
         offset=task.offset,
-        config=AdaRoundConfig(iters=cfg.adaround_iters, seed=cfg.seed),
+        config=task.config.method,
+        seed=task.config.seed,
     )
 
 
-@register_step2_method("otwa", needs_data=False)
+@register_step2_method("otwa", OTWAConfig, needs_data=False)
 def _solve_otwa(task: LayerTask) -> LayerSolution:
     """The BN-folded step-1 weights quantized per channel, no data (HWGQ-style baseline)."""
     start = time.perf_counter()
@@ -294,13 +317,17 @@ def transform(
     calib_loader: Iterable,
     config: TransformConfig | None = None,
     report: list | None = None,
+    memory: MemoryConfig | None = None,
 ) -> nn.Module:
     """Step 2: return a copy of the step-1 model whose weight layers are low-bit.
 
     ``report``, when given, receives one dict per solved layer (time, agreement, history); the
     first layer's ``capture_s`` includes the one pass that captures every layer's step-1 codes.
+    ``memory`` trades speed for memory (MemoryConfig); the results do not depend on it.
     """
     cfg = config or TransformConfig()
+    memory = memory or MemoryConfig()
+    method = step2_method(cfg.method)
     if not any(isinstance(m, SparseQuantizer) for m in model_step1.modules()):
         raise ValueError(
             "the model has no sparse activation quantizers: pass the step-1 model "
@@ -308,14 +335,14 @@ def transform(
         )
     check_finite(model_step1, "the step-1 model")
     # every pass below must see the same images, whatever the loader does (shuffle, one-shot)
-    needs_data = STEP2_METHODS[cfg.method].needs_data or "int8" in (cfg.first_layer, cfg.last_layer)
+    needs_data = method.needs_data or "int8" in (cfg.first_layer, cfg.last_layer)
     calibration = (  # int8 boundaries take their input scales from the calibration data
-        draw_calibration(calib_loader, cfg.max_images, cfg.input_key, cfg.device)
+        draw_calibration(calib_loader, cfg.calib_images, cfg.input_key, cfg.device)
         if needs_data
         else []  # e.g. the OTWA baseline
     )
     # block temporaries go back to the OS; the process's allocator is restored afterwards
-    with mmap_threshold(cfg.mmap_threshold_mb * 2**20):
+    with mmap_threshold(memory.mmap_threshold_mb * 2**20):
         # the caller's model keeps its mode, device and parameters
         step1 = copy.deepcopy(model_step1).to(cfg.device).eval()
         quantized = copy.deepcopy(step1).eval()
@@ -327,11 +354,10 @@ def transform(
         total = time.perf_counter()
         kinds = [_target_kind(step1, layer) for layer in todo]
         code_targets: dict[int, RowStore] = {}
-        if STEP2_METHODS[cfg.method].needs_data:
+        if method.needs_data:
             # the step-1 codes every coded layer reproduces, from one pass of the step-1 model
             wanted = {i: (layer, "codes") for i, layer in enumerate(todo) if kinds[i] == "codes"}
             code_targets = capture_targets(step1, wanted, calibration, cfg)
-        method = STEP2_METHODS[cfg.method]
         bar = tqdm(todo, desc="step 2", unit="layer", disable=not cfg.verbose or None, leave=False)
         for index, layer in enumerate(bar):
             # the first layer's capture time includes the pass that captured all code targets
@@ -348,7 +374,7 @@ def transform(
                     report.append(
                         {
                             "layer": layer.name,
-                            "kind": cfg.method,
+                            "kind": method.name,
                             "solve_s": time.perf_counter() - start,
                         }
                     )
@@ -361,7 +387,7 @@ def transform(
             else:  # FP targets are captured per layer: kept for all layers they would add up
                 Y = capture_targets(step1, {index: (layer, target_kind)}, calibration, cfg)[index]
             X, offset = capture_layer_inputs(
-                layer, index, source, calibration, cfg, coded and layer.residual
+                layer, index, source, calibration, cfg, coded and layer.residual, memory.cache_mb
             )
             task.X, task.Y, task.offset = X, Y, (offset if coded else None)
             task.quantizer = step1.get_submodule(layer.activation) if coded else None
@@ -407,7 +433,7 @@ def transform(
             print(f"[step2] {len(todo)} layers in {time.perf_counter() - total:.1f}s", flush=True)
         # the plan, for the stages and tsquant.save: which layers, which method, which grid
         plan = {
-            "method": cfg.method,
+            "method": method.name,
             "weight_bits": cfg.weight_bits,
             "layers": [x.name for x in todo],
             "formats": formats,

@@ -2,8 +2,9 @@
 
 import torch
 
+from tsquant import prepare_step1
 from tsquant.models import build_model
-from tsquant.surgery import analyse, prepare_step1, quantizable_layers, write_back
+from tsquant.surgery import analyse, quantizable_layers, write_back
 
 SHAPES = {"resnet20": (3, 16, 16), "small_cnn": (1, 28, 28)}
 

@@ -5,10 +5,10 @@ import torch
 from export_helpers import SHAPES
 from torch import nn
 
+from tsquant import prepare_step1
 from tsquant.export import ExportError, export_model, load_export
 from tsquant.export.format import MANIFEST_FILE, TENSOR_FILE
 from tsquant.quantizers.modules import QuantizedConv2d
-from tsquant.surgery import prepare_step1
 
 
 def test_round_trip_restores_codes_and_parameters(exported_resnet):

@@ -7,34 +7,30 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 import tsquant
-from tsquant import InputQuantizer, QuantizedConv2d, QuantizedLinear, SparseQuantizer
+from tsquant import InputQuantizer, QuantizedConv2d, QuantizedLinear, SolverConfig, SparseQuantizer
 from tsquant.export import IntegerRuntime, export_model, load_export
 from tsquant.export.onnx_export import onnx_session, to_onnx
 from tsquant.export.verify import quantizer_codes
 from tsquant.models import build_model
 from tsquant.transform import step2_plan
 
-
-def step1_with_statistics(name, x, **kwargs):
-    step1 = tsquant.prepare_step1(build_model(name, num_classes=10, **kwargs))
-    for m in step1.modules():
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-            m.momentum = None
-    step1.train()
-    with torch.no_grad():
-        step1(x)
-    return step1.eval()
+from bn_helpers import with_bn_statistics
 
 
 def test_int8_boundary_layers_through_export(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    step1 = step1_with_statistics("small_cnn", x, in_channels=1, image_size=28, width=4)
+    step1 = with_bn_statistics(
+        tsquant.prepare_step1(build_model("small_cnn", in_channels=1, image_size=28, width=4)), x
+    )
     cfg = tsquant.TransformConfig(
-        first_layer="int8", last_layer="int8", iters=2, positions_per_image=8, verbose=False
+        first_layer="int8",
+        last_layer="int8",
+        method=SolverConfig(iters=2),
+        positions_per_image=8,
+        verbose=False,
     )
     model_q = tsquant.transform(step1, list(x.split(16)), cfg)
     plan = step2_plan(model_q)

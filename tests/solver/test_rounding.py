@@ -85,8 +85,10 @@ def test_zero_inputs_keep_the_weight_space_rounding():
 
 
 def test_solver_start_is_validated_and_the_paper_variant_starts_from_otwa():
-    with pytest.raises(ValueError, match="start must be 'gptq' or 'otwa'"):
+    with pytest.raises(ValueError, match="start must be one of gptq, otwa"):
         SolverConfig(start="nearest")
+    with pytest.raises(ValueError, match="variant paper starts from"):
+        SolverConfig(variant="paper", start="gptq")
     assert SolverConfig(variant="paper").effective.start == "otwa"
     assert SolverConfig().effective.start == "gptq"
 

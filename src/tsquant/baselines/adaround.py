@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import option
 from ..quantizers.activation import SparseQuantizer
 from ..quantizers.weight import WeightGrid, quantize_to_grid
 from ..solver import LayerProblem, LayerSolution
@@ -33,14 +34,15 @@ ZETA, GAMMA = 1.1, -0.1  # rectified-sigmoid stretch (AdaRound)
 
 @dataclass(frozen=True)
 class AdaRoundConfig:
-    iters: int = 10_000
-    batch_rows: int = 2048  # 32 images x 64 sampled positions
-    lr: float = 1e-3
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    seed: int = 0
+    """Options of method ``adaround`` (defaults: the AdaRound paper's)."""
+
+    iters: int = option(10_000, "Adam iterations per layer")
+    batch_rows: int = option(2048, "rows per Adam step (32 images x 64 sampled positions)")
+    lr: float = option(1e-3, "Adam learning rate")
+    reg_weight: float = option(0.01, "weight lambda of the rounding regulariser")
+    beta_start: float = option(20.0, "regulariser exponent beta at the end of the warm-up")
+    beta_end: float = option(2.0, "regulariser exponent beta at the last iteration")
+    warmup: float = option(0.2, "fraction of the iterations without the regulariser")
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 1:
@@ -74,6 +76,7 @@ def adaround_layer(
     offset: torch.Tensor | RowStore | None = None,
     config: AdaRoundConfig | None = None,
     chunk_rows: int = 16384,
+    seed: int = 0,
 ) -> LayerSolution:
     """Learned rounding of init (c, n) on the grid; quantizer None: a linear-target layer."""
     start = time.perf_counter()
@@ -95,7 +98,7 @@ def adaround_layer(
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_()
     opt = torch.optim.Adam([v], lr=cfg.lr)
     level_top = (2**quantizer.bits - 1) * quantizer.step if quantizer is not None else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     warm = int(cfg.warmup * cfg.iters)
     batch = min(cfg.batch_rows, xs.rows)
 

@@ -2,7 +2,7 @@
 
 from .card import format_card, model_card
 from .format import ExportedModel, export_model, load_export
-from .graph import ExportError, build_graph
+from .graph import ExportError, build_graph, check_exportable
 from .packing import PackingError, pack_codes, unpack_codes
 from .runtime import IntegerRuntime
 
@@ -12,6 +12,7 @@ __all__ = [
     "IntegerRuntime",
     "PackingError",
     "build_graph",
+    "check_exportable",
     "export_model",
     "format_card",
     "load_export",

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .. import __version__
 from ..fileio import save_json, save_tensors, sha256_of
+from ..version import __version__
 from .graph import ExportError, Node, build_graph, check_graph, quantized_nodes
 from .packing import PackingError, grid_bits, pack_codes, unpack_codes
 

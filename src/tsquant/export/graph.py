@@ -20,7 +20,7 @@ from torch import nn
 
 from ..quantizers.activation import SparseQuantizer
 from ..quantizers.modules import InputQuantizer, QuantizedConv2d, QuantizedLinear
-from ..surgery import ADDS, batchnorm_affine, trace
+from ..surgery import ADDS, SurgeryError, batchnorm_affine, trace
 
 
 class ExportError(ValueError):
@@ -302,3 +302,12 @@ def check_graph(nodes: list[dict], tensors: dict[str, torch.Tensor]) -> None:
         if absent:
             raise ExportError(f"node {node['name']} needs tensors {absent} that the file lacks")
         defined.add(node["name"])
+
+
+def check_exportable(model: nn.Module, otherwise: str) -> None:
+    """Raise SurgeryError, before any work, when the integer export could not write the model;
+    ``otherwise`` says how to go on without the export."""
+    try:
+        build_graph(model)
+    except ExportError as exc:
+        raise SurgeryError(f"{exc} ({otherwise})") from None

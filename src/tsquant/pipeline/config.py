@@ -10,24 +10,22 @@ from __future__ import annotations
 import difflib
 import math
 import tempfile
-import types
-import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from ..baselines.adaround import AdaRoundConfig
+from ..options import literal_choices, type_hints, union_members
+from ..options import option as opt
+from ..solver import SolverConfig
+from ..surgery import BoundaryPolicy
+from ..transform import MemoryConfig
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
-
-
-def opt(default, help: str, **kwargs):
-    if isinstance(default, list | dict):
-        return field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
-        )
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -48,12 +46,12 @@ class DataConfig:
     train_subset: int | None = opt(None, "use only this many training images (quick runs)")
     test_subset: int | None = opt(None, "evaluate on only this many test images (quick runs)")
     channels: int | None = opt(None, "ImageFolder images: 1 (read as gray) or 3 (RGB); default 3")
-    augment_policy: str = opt(
+    augment_policy: Literal["default", "none", "crop", "crop_flip"] = opt(
         "default",
         "training augmentation: default (the dataset's; gray ImageFolders: crop), none, crop "
         "(padded random crop) or crop_flip (+ horizontal flips)",
     )
-    stats: str = opt(
+    stats: Literal["default", "measure"] = opt(
         "default",
         "normalisation statistics: default (the dataset's; ImageNet's for RGB ImageFolders) or "
         "measure (per-channel mean/std of the training images, used for every split)",
@@ -83,7 +81,9 @@ class TrainConfig:
     lr: float = opt(0.1, "peak learning rate (SGD with Nesterov momentum)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "weight decay")
-    schedule: str = opt("onecycle", "learning-rate schedule: onecycle, cosine or constant")
+    schedule: Literal["onecycle", "cosine", "constant"] = opt(
+        "onecycle", "learning-rate schedule: onecycle, cosine or constant"
+    )
     warmup: float = opt(0.15, "fraction of the steps spent warming up (onecycle)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     augment: bool = opt(True, "standard augmentation (random crop, flip where the dataset uses it)")
@@ -105,7 +105,7 @@ class CodesConfig(TrainConfig):
     keep_head_input_fp: bool = opt(
         True, "keep a FP ReLU on the last layer's input (released AlexNet)"
     )
-    affine_bn: str = opt(
+    affine_bn: Literal["fold", "keep"] = opt(
         "fold",
         "affine BNs of the FP model: fold (the paper's non-affine BN; beta and |gamma| dropped "
         "for step 1 to re-learn) or keep (gamma and beta stay; the converted model starts "
@@ -115,47 +115,39 @@ class CodesConfig(TrainConfig):
 
 @dataclass
 class TransformStageConfig:
+    """Step 2: the fields of tsquant.TransformConfig, with one options section per method."""
+
     weight_bits: str | int = opt(
         "ternary", "weight format: ternary, 2..8 (mid-rise k-bit) or narrow:k"
-    )
-    method: str = opt(
-        "tsq",
-        "tsq (step-2 solver), otwa (quantize the step-1 weights directly: baseline) or adaround "
-        "(learned rounding of the same layer problem: baseline)",
-    )
-    mode: str = opt(
-        "sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)"
-    )
-    variant: str = opt(
-        "tsquant", "solver: tsquant (margin, bias, hinge alpha fit, refinement) or paper"
-    )
-    start: str = opt(
-        "gptq",
-        "solver start: gptq (step-1 weights rounded in output space, scale search) or otwa "
-        "(the paper's weight-space rounding; the paper variant always uses it)",
-    )
-    lam: float = opt(3.0, "lambda of the relaxed objective")
-    iters: int = opt(20, "alternations per layer")
-    adaround_iters: int = opt(10_000, "Adam iterations per layer of method adaround")
-    calib_images: int = opt(2000, "calibration images (drawn from the training set)")
-    positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
-    cache_mb: int = opt(128, "MB per layer of decoded rows kept for the solver (speed vs memory)")
-    mmap_threshold_mb: int = opt(
-        0,
-        "allocations of this many MB or more are returned to the OS when freed (glibc; 0: off; "
-        "4 lowers peak memory about 10-15 % and doubles step-2 time)",
     )
     layer_formats: dict = opt(
         {},
         "per-layer weight formats, {layer-name pattern: format} (fnmatch, first match wins), "
         "e.g. {'layer3.*': 2}; other layers use weight_bits",
     )
-    first_layer: str = opt(
+    method: Literal["tsq", "otwa", "adaround"] = opt(
+        "tsq",
+        "tsq (the step-2 solver, options in transform.tsq), otwa (the step-1 weights quantized "
+        "directly, no data: baseline) or adaround (learned rounding of the same layer problem, "
+        "options in transform.adaround: baseline)",
+    )
+    tsq: SolverConfig = field(
+        default_factory=SolverConfig, metadata={"help": "options of method tsq (the solver)"}
+    )
+    adaround: AdaRoundConfig = field(
+        default_factory=AdaRoundConfig, metadata={"help": "options of method adaround"}
+    )
+    mode: Literal["sequential", "parallel"] = opt(
+        "sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)"
+    )
+    calib_images: int = opt(2000, "calibration images (drawn from the training set)")
+    positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
+    first_layer: BoundaryPolicy = opt(
         "fp",
         "first layer: fp (the paper), quantize (weight_bits) or int8 (8-bit weights per "
         "channel and the input quantized to signed 8 bits: integer from the input scaling on)",
     )
-    last_layer: str = opt(
+    last_layer: BoundaryPolicy = opt(
         "fp",
         "last layer: fp (the paper), quantize (weight_bits) or int8 (8-bit weights per channel "
         "and its input quantized to unsigned 8 bits: integer up to the logits' scale)",
@@ -168,7 +160,9 @@ class FinetuneConfig(TrainConfig):
     # 91.14 % (a one-cycle 0.002 epoch gave 89.52 % with the earlier estimator)
     epochs: int = opt(1, "fine-tune epochs after step 2 (0 skips the stage)")
     lr: float = opt(0.0005, "learning rate of the fine-tune")
-    schedule: str = opt("constant", "learning-rate schedule: onecycle, cosine or constant")
+    schedule: Literal["onecycle", "cosine", "constant"] = opt(
+        "constant", "learning-rate schedule: onecycle, cosine or constant"
+    )
     weight_decay: float = opt(0.0, "weight decay (latent weights)")
 
 
@@ -207,6 +201,10 @@ class RunConfig:
         default_factory=TransformStageConfig, metadata={"help": "step 2"}
     )
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "fine-tune"})
+    memory: MemoryConfig = field(
+        default_factory=MemoryConfig,
+        metadata={"help": "step 2's speed/memory trade (results do not depend on it)"},
+    )
     export: ExportConfig = field(
         default_factory=ExportConfig, metadata={"help": "export and verification"}
     )
@@ -217,21 +215,27 @@ class RunConfig:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    """The nearest valid name: the same option in another section first (options that moved,
+    e.g. transform.lam -> transform.tsq.lam), else the closest spelling."""
+    leaf = key.rsplit(".", 1)[-1]
+    everywhere = [name for name, _, _ in option_table()]
+    moved = [name for name in everywhere if name.rsplit(".", 1)[-1] == leaf]
+    moved.sort(key=lambda name: not name.startswith(key.rsplit(".", 1)[0] + "."))
+    near = moved[:1] or difflib.get_close_matches(key, valid + everywhere, n=1, cutoff=0.5)
     return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
 
 
-def _types_of(annotation) -> tuple:
-    hint = annotation
-    if isinstance(hint, str):
-        hint = eval(hint, {**globals(), **vars(typing)})  # annotations of this module only
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return tuple(typing.get_args(hint))
-    return (hint,)
-
-
-def _coerce(value, annotation, where: str):
-    allowed = _types_of(annotation)
+def _coerce(value, hint, where: str):
+    choices = literal_choices(hint)
+    if choices is not None and value is not None:
+        optional = type(None) in union_members(hint)
+        if optional and isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        if value not in choices:
+            listed = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"{where}={value!r} is not a choice: use {listed}")
+        return value
+    allowed = union_members(hint)
     if value is None:
         if type(None) in allowed:
             return None
@@ -273,6 +277,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values")
     valid = {f.name: f for f in fields(cls)}
+    hints = type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
@@ -292,8 +297,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
             merged = {**asdict(default), **(value or {})}  # `data:` left empty: the defaults
             kwargs[key] = from_dict(type(default), merged, prefix=f"{where}.")
         else:
-            kwargs[key] = _coerce(value, f.type, where)
-    config = cls(**kwargs)
+            kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        config = cls(**kwargs)
+    except ValueError as exc:  # the checks of the library's own config classes
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
     validate(config, prefix)
     return config
 
@@ -324,15 +332,7 @@ def validate(config, prefix: str = "") -> None:
         "positions_per_image": lambda v: v >= 1,
         "cache_mb": lambda v: v >= 0,
         "mmap_threshold_mb": lambda v: v >= 0,
-        "mode": lambda v: v in ("sequential", "parallel"),
-        "method": lambda v: v in ("tsq", "otwa", "adaround"),
-        "adaround_iters": lambda v: v >= 1,
-        "variant": lambda v: v in ("tsquant", "paper"),
-        "schedule": lambda v: v in ("onecycle", "cosine", "constant"),
-        "first_layer": lambda v: v in ("fp", "quantize", "int8"),
-        "last_layer": lambda v: v in ("fp", "quantize", "int8"),
         "device": _device_ok,
-        "affine_bn": lambda v: v in ("fold", "keep"),
         "distill": lambda v: math.isfinite(v) and 0 <= v <= 1,
         "distill_temperature": lambda v: math.isfinite(v) and v > 0,
         "eval_batch_size": lambda v: v >= 1,
@@ -348,8 +348,6 @@ def validate(config, prefix: str = "") -> None:
         "image_size": lambda v: v >= 1,
         "name": lambda v: isinstance(v, str) and bool(v.strip()),
         "channels": lambda v: v in (1, 3),
-        "augment_policy": lambda v: v in ("default", "none", "crop", "crop_flip"),
-        "stats": lambda v: v in ("default", "measure"),
         "mean": lambda v: len(v) in (1, 3) and all(isinstance(x, int | float) for x in v),
         "std": lambda v: len(v) in (1, 3) and all(isinstance(x, int | float) and x > 0 for x in v),
         "val_split": lambda v: v >= 0,
@@ -358,10 +356,6 @@ def validate(config, prefix: str = "") -> None:
         "bits": "use 1..8",
         "eps": "use eps >= 0, e.g. 0.32",
         "lam": "use lam > 0, e.g. 3.0",
-        "mode": "use sequential or parallel",
-        "method": "use tsq, otwa or adaround",
-        "variant": "use tsquant or paper",
-        "affine_bn": "use fold or keep",
         "distill": "use a weight in [0, 1] (0: labels only, 1: FP logits only)",
         "distill_temperature": "use a temperature > 0, e.g. 4",
         "eval_batch_size": "use a batch size >= 1",
@@ -378,8 +372,6 @@ def validate(config, prefix: str = "") -> None:
         "device": "use cpu, or cuda / cuda:N on a machine whose PyTorch sees a GPU",
         "name": "give a non-empty name",
         "channels": "use 1 (gray) or 3 (RGB)",
-        "augment_policy": "use default, none, crop or crop_flip",
-        "stats": "use default or measure",
         "mean": "give one number per channel, e.g. [0.5] or [0.49, 0.48, 0.45]",
         "std": "give one positive number per channel, e.g. [0.25]",
         "val_split": "use 0 (none) or a number of training images to hold out",
@@ -460,6 +452,20 @@ def _validate_run(cfg: RunConfig) -> None:
                 f"(data.batch_size={d.batch_size}), so {section} would take no step: raise "
                 "data.train_subset or lower data.batch_size"
             )
+    t = cfg.transform
+    if t.tsq.weight_bits != SolverConfig().weight_bits:
+        raise ConfigError(
+            "transform.tsq.weight_bits: the weight format is transform.weight_bits (and "
+            "transform.layer_formats per layer): set it there"
+        )
+    for method in ("tsq", "adaround"):  # options of a method that does not run
+        section = getattr(t, method)
+        changed = [f.name for f in fields(section) if getattr(section, f.name) != f.default]
+        if t.method != method and changed:
+            raise ConfigError(
+                f"transform.{method}.{changed[0]} is set but transform.method is {t.method}: "
+                f"remove it, or set transform.method: {method}"
+            )
     if cfg.train.distill:
         raise ConfigError(
             "train.distill distils from the FP model, which the train stage is making: set it "
@@ -521,17 +527,14 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
     return from_dict(RunConfig, data)
 
 
-def option_table(config: RunConfig | None = None) -> list[tuple[str, object, str]]:
-    """(dotted name, default, help) for every option, for --help."""
+def option_table(config=None, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted name, default, help) for every option, nested sections included, for --help."""
     config = config or RunConfig()
     rows = []
     for f in fields(config):
         value = getattr(config, f.name)
         if is_dataclass(value):
-            rows += [
-                (f"{f.name}.{g.name}", getattr(value, g.name), g.metadata.get("help", ""))
-                for g in fields(value)
-            ]
+            rows += option_table(value, f"{prefix}{f.name}.")
         else:
-            rows.append((f.name, value, f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
     return rows

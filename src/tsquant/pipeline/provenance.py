@@ -29,7 +29,7 @@ _DATA = [
     "data.train_subset",
     "data.batch_size",
 ]
-_RUNTIME = {"checkpoint_seconds", "cache_mb", "mmap_threshold_mb"}  # speed/memory, not results
+_RUNTIME = {"checkpoint_seconds"}  # speed, not results (the memory section is not a stage's)
 
 UPSTREAM = {"train": None, "codes": "train", "transform": "codes", "finetune": "transform"}
 SECTIONS = {"train": "train", "codes": "codes", "transform": "transform", "finetune": "finetune"}
@@ -65,6 +65,7 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
     for section in ("codes", "finetune"):  # the temperature matters only when distilling
         if not record.get(f"{section}.distill"):
             record.pop(f"{section}.distill_temperature", None)
-    if record.get("transform.method") != "adaround":
-        record.pop("transform.adaround_iters", None)
+    for method in ("tsq", "adaround"):  # only the chosen method's options
+        if record.get("transform.method") != method:
+            record = {k: v for k, v in record.items() if not k.startswith(f"transform.{method}.")}
     return record

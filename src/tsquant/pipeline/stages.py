@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import yaml
 
-from .. import __version__, distributed
+from .. import distributed
 from ..data import BatchLoader, load_dataset
+from ..export.graph import check_exportable
 from ..fileio import (
     CheckpointError,
     load_json,
@@ -33,15 +34,10 @@ from ..fileio import (
 from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
 from ..report import results_table, write_report
-from ..surgery import (
-    analyse,
-    apply_boundary,
-    check_exportable,
-    prepare_step1,
-    quantized_skeleton,
-)
+from ..surgery import analyse, apply_boundary, convert_to_step1, quantized_skeleton
 from ..training import clear_resume, evaluate, train
 from ..transform import TransformConfig, step2_plan, transform
+from ..version import __version__
 from .config import ConfigError, RunConfig, from_dict
 from .lock import RunLock
 from .provenance import UPSTREAM, describe_change, stage_config
@@ -57,6 +53,7 @@ class Context:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self._data = {}
+        self._train_fingerprint: str | None = None
         self._user_model_checked = False
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -213,13 +210,12 @@ class Context:
 
     def step1_model(self) -> torch.nn.Module:
         c = self.cfg.codes
-        return prepare_step1(
+        return convert_to_step1(  # the export is checked once per run, in check_export_early
             self.fp_model(),
             bits=c.bits,
             eps=c.eps,
             keep_head_input_fp=c.keep_head_input_fp,
             affine_bn=c.affine_bn,
-            check_export=False,  # once per run, in check_export_early
         )
 
     def check_export_early(self) -> None:
@@ -252,13 +248,13 @@ class Context:
         )
 
     def transform_config(self, **overrides) -> TransformConfig:
-        """Step-2 options of this run (the transform section, seed and device) + overrides.
-
-        Every option of the YAML section that TransformConfig has is passed by name; the
-        section's other options are the pipeline's (calib_images)."""
-        section = asdict(self.cfg.transform)
+        """Step-2 options of this run (the transform section, seed and device) + overrides:
+        the section's fields by name, the method with its options section (otwa has none)."""
+        section = self.cfg.transform
+        options = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+        options["method"] = options.get(section.method, section.method)
         library = {f.name for f in dataclasses.fields(TransformConfig)}
-        options = {k: v for k, v in section.items() if k in library}
+        options = {k: v for k, v in options.items() if k in library}
         options |= {"seed": self.cfg.seed, "device": self.device}
         return TransformConfig(**{**options, **overrides})
 
@@ -293,6 +289,12 @@ class Context:
             p.requires_grad_(False)
         return model
 
+    def train_fingerprint(self) -> str:
+        """The training split's fingerprint, computed once per run (every stage records it)."""
+        if self._train_fingerprint is None:
+            self._train_fingerprint = self.dataset("train").fingerprint()
+        return self._train_fingerprint
+
     def provenance(self, stage: str) -> dict:
         """What the stage's result depends on: its options and the hashes of its inputs."""
         inputs = {}
@@ -304,7 +306,7 @@ class Context:
         if stage == "train" and self.cfg.init_checkpoint:
             inputs["init_checkpoint"] = sha256_of(Path(self.cfg.init_checkpoint))
         else:
-            inputs["train_data"] = self.dataset("train").fingerprint()
+            inputs["train_data"] = self.train_fingerprint()
         record = {"config": stage_config(self.cfg, stage), "inputs": inputs}
         return json.loads(json.dumps(record))  # as meta.json will hold it
 
@@ -336,10 +338,16 @@ class Context:
     def as_recorded(self, stage: str) -> Context:
         """This context with the model, step-1 and step-2 options the stage was made with."""
         made_with = load_json(self.stage_dir(stage) / "meta.json")["config"]
-        sections = {
-            name: from_dict(type(getattr(self.cfg, name)), made_with[name], prefix=f"{name}.")
-            for name in ("model", "codes", "transform")
-        }
+        try:
+            sections = {
+                name: from_dict(type(getattr(self.cfg, name)), made_with[name], prefix=f"{name}.")
+                for name in ("model", "codes", "transform")
+            }
+        except ConfigError as exc:
+            raise CheckpointError(
+                f"the {stage} stage in {self.run_dir} records settings this tsquant cannot read "
+                f"({exc}): run `tsquant run` to rebuild it"
+            ) from None
         other = copy.copy(self)
         other.cfg = dataclasses.replace(self.cfg, **sections)
         return other
@@ -424,13 +432,8 @@ def stage_train(ctx: Context) -> None:
 def stage_codes(ctx: Context) -> None:
     fp = ctx.load("train", ctx.fp_model())
     c = ctx.cfg.codes
-    model = prepare_step1(
-        fp,
-        c.bits,
-        c.eps,
-        keep_head_input_fp=c.keep_head_input_fp,
-        affine_bn=c.affine_bn,
-        check_export=False,
+    model = convert_to_step1(
+        fp, c.bits, c.eps, keep_head_input_fp=c.keep_head_input_fp, affine_bn=c.affine_bn
     )
     ctx.finish("codes", model, _train_stage(ctx, "codes", model, c, "step1"))
 
@@ -441,7 +444,7 @@ def stage_transform(ctx: Context) -> None:
     tcfg = ctx.transform_config()
     rows: list[dict] = []
     start = time.time()
-    model = transform(step1, ctx.calib_loader(), tcfg, report=rows)
+    model = transform(step1, ctx.calib_loader(), tcfg, report=rows, memory=ctx.cfg.memory)
     wall = time.time() - start
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "tsq eval")
     print(f"[transform] test top-1 {top1:.2f}% (step 2 took {wall:.1f}s)", flush=True)

@@ -24,9 +24,11 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 
+from ..options import check_choices, option
 from ..quantizers.activation import SparseQuantizer, count_edges_below
 from ..quantizers.weight import WeightGrid
 from .rounding import output_space_rounding, weight_space_rounding
@@ -36,41 +38,60 @@ from .statistics import gram
 
 @dataclass(frozen=True)
 class SolverConfig:
-    weight_bits: str | int = "ternary"
-    lam: float = 3.0
-    iters: int = 20
-    variant: str = "tsquant"  # "tsquant" or "paper"
-    # rounding of the start weights: "gptq" (output space, rounding.py) or "otwa" (the spec's)
-    start: str = "gptq"
-    cd_sweeps: int = 4  # coordinate-descent sweeps per w step (early stop when nothing changes)
-    margin: float = 0.05  # tsquant: z stays this fraction of d inside its bin
-    lam_growth: float = 1.3  # tsquant: lam multiplied by this after every alternation
-    learn_bias: bool = True  # tsquant: closed-form bias step; paper keeps the BN bias
-    fit_scale: bool = True  # tsquant: alpha/bias by the squared-hinge fit after each w step
-    refine: bool = True  # tsquant: final alpha/bias search on the true objective
-    # tsquant, with an init: first alternations with z near its bin centre (small lam, wide
-    # margin), a target not anchored at the current pre-activation, so w steps repair codes
-    repair_iters: int = 6
-    repair_margin: float = 0.45
-    repair_lam: float = 0.3
-    refine_points: int = 9
-    refine_rounds: int = 2
-    ridge: float = 1e-4  # relative ridge for the least-squares initialisation
-    # tsquant: per output channel, the iterate kept at the end is the best one seen (the start
-    # included) on "error" (the true objective ||y - Q(p)||^2) or "agreement" (codes reproduced)
-    keep_best: str = "error"
-    # linear targets (no quantizer after the layer): ridge toward the start weights, relative to
-    # the mean diagonal of X'X; for layers with fewer rows than inputs (a head fitted on one row
-    # per calibration image), whose least-squares fit does not carry to new data. 0: none
-    linear_ridge: float = 0.0
-    chunk_rows: int = 16384
+    """Options of the step-2 solver, method ``tsq`` (TSQ-METHOD.md, "Step 2")."""
+
+    weight_bits: str | int = option(
+        "ternary",
+        "weight format of the layer (solve_layer's own; in transform() it is set per layer by "
+        "TransformConfig.weight_bits / layer_formats)",
+    )
+    lam: float = option(3.0, "lambda of the relaxed objective")
+    iters: int = option(20, "alternations per layer")
+    variant: Literal["tsquant", "paper"] = option(
+        "tsquant",
+        "tsquant (margin, bias step, hinge alpha fit, refinement) or paper (the spec's plain "
+        "alternation, from the OTWA start)",
+    )
+    start: Literal["gptq", "otwa"] | None = option(
+        None,
+        "rounding of the step-1 weights the alternation starts from: gptq (output space, scale "
+        "search) or otwa (weight space, the paper's); unset: the variant's (tsquant gptq, "
+        "paper otwa)",
+    )
+    cd_sweeps: int = option(4, "coordinate-descent sweeps per w step (stops when nothing changes)")
+    margin: float = option(0.05, "tsquant: z stays this fraction of a bin inside its bin")
+    lam_growth: float = option(1.3, "tsquant: lam multiplied by this after every alternation")
+    learn_bias: bool = option(True, "tsquant: closed-form bias step (paper: the BN bias, fixed)")
+    fit_scale: bool = option(True, "tsquant: alpha/bias by the squared-hinge fit after each w step")
+    refine: bool = option(True, "tsquant: final alpha/bias search on the true objective")
+    # with an init: the first alternations aim z near its bin centre (small lam, wide margin),
+    # a target not anchored at the current pre-activation, so w steps repair codes
+    repair_iters: int = option(6, "tsquant: alternations aimed at the bin centres first")
+    repair_margin: float = option(0.45, "tsquant: margin of the repair alternations")
+    repair_lam: float = option(0.3, "tsquant: lam of the repair alternations")
+    refine_points: int = option(9, "tsquant: grid points per round of the final search")
+    refine_rounds: int = option(2, "tsquant: rounds of the final search")
+    ridge: float = option(1e-4, "relative ridge of the least-squares initialisation")
+    keep_best: Literal["error", "agreement"] = option(
+        "error",
+        "tsquant: per channel, the iterate kept is the best seen (the start included) on error "
+        "(the true objective ||y - Q(p)||^2) or agreement (codes reproduced)",
+    )
+    linear_ridge: float = option(
+        0.0,
+        "linear targets (no quantizer after the layer): ridge toward the start weights, "
+        "relative to the mean diagonal of X'X, for heads with fewer rows than inputs; 0: none",
+    )
+    chunk_rows: int = option(16384, "rows per chunk of the streamed passes (memory, not results)")
 
     def __post_init__(self):
+        check_choices(self)
         WeightGrid.from_spec(self.weight_bits)
-        if self.variant not in ("tsquant", "paper"):
-            raise ValueError(f"solver variant must be 'tsquant' or 'paper', got {self.variant!r}")
-        if self.start not in ("gptq", "otwa"):
-            raise ValueError(f"solver start must be 'gptq' or 'otwa', got {self.start!r}")
+        if self.variant == "paper" and self.start == "gptq":
+            raise ValueError(
+                "variant paper starts from the paper's otwa rounding, not start gptq: drop start "
+                "or use variant tsquant"
+            )
         if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam > 0):
             raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}: try lam=3.0")
         if not isinstance(self.iters, int) or self.iters < 0:
@@ -81,12 +102,13 @@ class SolverConfig:
             raise ValueError(f"lam_growth must be >= 1, got {self.lam_growth!r}")
         if not (math.isfinite(self.linear_ridge) and self.linear_ridge >= 0):
             raise ValueError(f"linear_ridge must be >= 0, got {self.linear_ridge!r}")
-        if self.keep_best not in ("error", "agreement"):
-            raise ValueError(f"keep_best must be 'error' or 'agreement', got {self.keep_best!r}")
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be an integer >= 1, got {self.chunk_rows!r}")
 
     @property
     def effective(self) -> SolverConfig:
-        """The paper variant switches every addition off."""
+        """The options as run: the paper variant switches every addition off; the start is
+        the variant's when unset."""
         if self.variant == "paper":
             return replace(
                 self,
@@ -98,7 +120,7 @@ class SolverConfig:
                 refine=False,
                 repair_iters=0,
             )
-        return self
+        return self if self.start else replace(self, start="gptq")
 
 
 @dataclass
@@ -378,7 +400,7 @@ def _round_given_weights(gram_matrix, weights, grid: WeightGrid, config: SolverC
     A least-squares start is always rounded in weight space instead: it has absorbed the
     missing intercept into its weights, and rounding it faithfully keeps that basin (planted
     problem on code inputs: 0.81 agreement vs 1.0 from the weight-space rounding)."""
-    if config.start == "gptq":
+    if config.effective.start == "gptq":
         return output_space_rounding(gram_matrix, weights.to(gram_matrix.device).T, grid)
     return weight_space_rounding(weights, grid)
 
