@@ -268,3 +268,35 @@ def test_linear_ridge_pulls_an_underdetermined_fit_toward_the_start():
     assert distance(held) < 0.2 * distance(free)  # the ridge keeps it at the start weights
     with pytest.raises(ValueError, match="linear_ridge"):
         SolverConfig(linear_ridge=-1.0)
+
+
+def test_patience_stops_the_alternation_once_the_best_iterate_stops_improving(monkeypatch):
+    """With w reported as still moving (so only patience can stop it), the tsquant variant
+    stops `patience` alternations after its best iterates last improved, after the repair
+    phase; patience=0 runs every alternation. Stopping early keeps the best iterate, so the
+    result matches the full run's."""
+    import importlib
+
+    alternation = importlib.import_module("tsquant.solver.alternation")
+    real = alternation.coordinate_descent_wstep
+    monkeypatch.setattr(
+        alternation,
+        "coordinate_descent_wstep",
+        lambda *args, **kwargs: max(real(*args, **kwargs), 1),  # "w moved"
+    )
+    x, y, w, alpha, bias, _ = planted([-1.0, 0.0, 1.0], m=3000, n=24, c=8, seed=6)
+    init = (w + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))) * alpha[
+        :, None
+    ]
+    runs = {
+        patience: solve_layer(
+            x, y, QUANTIZER, init=init, bias=bias, config=SolverConfig(iters=20, patience=patience)
+        )
+        for patience in (0, 2)
+    }
+    assert len(runs[0].history) - 1 == 20
+    stopped = len(runs[2].history) - 1
+    assert SolverConfig().repair_iters < stopped < 20
+    assert runs[2].agreement >= runs[0].agreement - 0.002
+    with pytest.raises(ValueError, match="patience"):
+        SolverConfig(patience=-1)

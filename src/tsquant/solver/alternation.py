@@ -69,6 +69,11 @@ class SolverConfig:
     repair_iters: int = option(6, "tsquant: alternations aimed at the bin centres first")
     repair_margin: float = option(0.45, "tsquant: margin of the repair alternations")
     repair_lam: float = option(0.3, "tsquant: lam of the repair alternations")
+    patience: int = option(
+        3,
+        "tsquant: after the repair phase, stop when the per-channel best iterate has not "
+        "improved (by 1e-4 relative) for this many alternations; 0: run until w stops moving",
+    )
     refine_points: int = option(9, "tsquant: grid points per round of the final search")
     refine_rounds: int = option(2, "tsquant: rounds of the final search")
     ridge: float = option(1e-4, "relative ridge of the least-squares initialisation")
@@ -102,6 +107,8 @@ class SolverConfig:
             raise ValueError(f"lam_growth must be >= 1, got {self.lam_growth!r}")
         if not (math.isfinite(self.linear_ridge) and self.linear_ridge >= 0):
             raise ValueError(f"linear_ridge must be >= 0, got {self.linear_ridge!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
         if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be an integer >= 1, got {self.chunk_rows!r}")
 
@@ -119,6 +126,7 @@ class SolverConfig:
                 fit_scale=False,
                 refine=False,
                 repair_iters=0,
+                patience=0,
             )
         return self if self.start else replace(self, start="gptq")
 
@@ -327,7 +335,14 @@ _CD_BLOCK = 128  # coordinates per block of the w step's coordinate descent
 
 
 def coordinate_descent_wstep(
-    gram_matrix, b, weights_t, alpha, grid: WeightGrid, sweeps: int, block: int = _CD_BLOCK
+    gram_matrix,
+    b,
+    weights_t,
+    alpha,
+    grid: WeightGrid,
+    sweeps: int,
+    block: int = _CD_BLOCK,
+    products: torch.Tensor | None = None,
 ):
     """Coordinate descent on alpha^2 w'Aw - 2 alpha w'b for all channels at once.
 
@@ -341,11 +356,14 @@ def coordinate_descent_wstep(
     coordinate; inside a block only its own rows of g are updated. The same updates, in
     another summation order: a wide layer's sweep costs its arithmetic (n = 4,608: a rank-1
     update of 18 MB per coordinate before). ``block=1`` is the per-coordinate form.
+
+    ``products``: A W' kept by the caller across steps (updated in place here), so the
+    alternation forms it once instead of once per step (an (n, n) x (n, c) product each).
     """
     n = gram_matrix.shape[0]
     diag = gram_matrix.diagonal()
     usable = (diag > 0).tolist()  # an all-zero column of X: its weight does not matter
-    g = gram_matrix @ weights_t  # (n, c): A W'
+    g = gram_matrix @ weights_t if products is None else products  # (n, c): A W'
     b_over_alpha = b / alpha[None, :]
     total_changes = 0
     for _ in range(sweeps):
@@ -375,14 +393,19 @@ def coordinate_descent_wstep(
     return total_changes
 
 
-def alpha_step(gram_matrix, b, weights_t, alpha):
-    """alpha = (w'b) / (w'Aw) per channel; a negative ratio flips w (the grid is symmetric)."""
-    quad = (weights_t * (gram_matrix @ weights_t)).sum(0)
+def alpha_step(gram_matrix, b, weights_t, alpha, products: torch.Tensor | None = None):
+    """alpha = (w'b) / (w'Aw) per channel; a negative ratio flips w (the grid is symmetric).
+
+    ``products``: A W' when the caller keeps it (flipped with w here)."""
+    g = gram_matrix @ weights_t if products is None else products
+    quad = (weights_t * g).sum(0)
     lin = (weights_t * b).sum(0)
     ok = quad > 0
     new_alpha = torch.where(ok, lin / quad.clamp_min(1e-300), alpha)
     flip = new_alpha < 0
     weights_t[:, flip] *= -1
+    if products is not None:
+        products[:, flip] *= -1
     return torch.where(ok, new_alpha.abs().clamp_min(1e-12), alpha)
 
 
@@ -462,7 +485,12 @@ def _fit_alpha_bias(problem: LayerProblem, s_blocks, alpha, bias, margin: float,
                     sums[k] += term
         return loss, sums
 
+    # One evaluation per iteration: the channels are independent, so each channel takes its
+    # Newton step when the loss does not rise, and otherwise halves its own step for the next
+    # iteration (backtracking spread over iterations; a trial's sums serve the channels that
+    # took it).
     loss, sums = hinge(alpha, bias, True)
+    step = torch.ones_like(alpha)
     for _ in range(iters):
         h11, h12, h22, g1, g2 = sums
         det = h11 * h22 - h12 * h12
@@ -471,22 +499,16 @@ def _fit_alpha_bias(problem: LayerProblem, s_blocks, alpha, bias, margin: float,
         # Newton step on the active rows: theta -= H^-1 g
         new_a = torch.where(ok, alpha - (h22 * g1 - h12 * g2) / det, alpha)
         new_b = torch.where(ok, bias - (h11 * g2 - h12 * g1) / det, bias)
-        step = torch.ones_like(alpha)
-        for tries in range(6):  # backtracking per channel
-            cand_a, cand_b = alpha + step * (new_a - alpha), bias + step * (new_b - bias)
-            # the full step is usually taken: its Newton sums then serve the next iteration
-            cand_loss, cand_sums = hinge(cand_a, cand_b, tries == 0)
-            good = (cand_loss <= loss) & (cand_a > 0)
-            if bool(good.all()):
-                break
-            step = torch.where(good, step, step / 2)
+        cand_a, cand_b = alpha + step * (new_a - alpha), bias + step * (new_b - bias)
+        cand_loss, cand_sums = hinge(cand_a, cand_b, True)
+        good = (cand_loss <= loss) & (cand_a > 0)
         improved = good & (cand_loss < loss * (1 - _FIT_TOLERANCE))
         alpha, bias = torch.where(good, cand_a, alpha), torch.where(good, cand_b, bias)
-        if tries == 0 and bool(good.all()):
-            loss, sums = cand_loss, cand_sums
-        else:
-            loss, sums = hinge(alpha, bias, True)
-        if not bool(improved.any()):
+        loss = torch.where(good, cand_loss, loss)
+        sums = torch.where(good[None, :], cand_sums, sums)
+        step = torch.where(good, 1.0, step / 2)
+        retrying = ~good & (step >= 2**-6)  # six halvings at most, as a line search would
+        if not bool((improved | retrying).any()):
             break
     return alpha, bias
 
@@ -581,11 +603,15 @@ def solve_layer(
     ]
     best = _BestIterate(cfg.keep_best, zp, weights_t, alpha, bias)
     still = 0
+    stalled, reference = 0, best.total()  # alternations since the best iterates last improved
+    products = problem.gram @ weights_t  # A W', kept current by the w and alpha steps
     for it in range(1, cfg.iters + 1):
         b = zp["b"]  # X'(z - bias - offset) at the z of the previous alternation
-        alpha = alpha_step(problem.gram, b, weights_t, alpha)
-        changes = coordinate_descent_wstep(problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps)
-        alpha = alpha_step(problem.gram, b, weights_t, alpha)
+        alpha = alpha_step(problem.gram, b, weights_t, alpha, products)
+        changes = coordinate_descent_wstep(
+            problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps, products=products
+        )
+        alpha = alpha_step(problem.gram, b, weights_t, alpha, products)
         s = problem.projections(weights_t.T)  # overwrites the previous projections
         if cfg.learn_bias:  # mean over rows of z - offset - alpha s
             scaled = sum(
@@ -616,10 +642,18 @@ def solve_layer(
         still = still + 1 if changes == 0 else 0
         if repairing and (still >= 2 or it >= cfg.repair_iters):
             repairing, still = False, 0  # repair phase over: polish with the tight relaxation
+            stalled, reference = 0, best.total()
             zp = z_pass(s, alpha, bias)
             continue
         if still >= 2:
             break  # w has not moved for two alternations: the iterate is (close to) a fixed point
+        if not repairing and cfg.patience and cfg.variant == "tsquant":
+            if best.total() - reference > _PATIENCE_TOLERANCE * abs(reference):
+                stalled, reference = 0, best.total()
+            else:
+                stalled += 1
+            if stalled >= cfg.patience:
+                break  # what is kept is the best iterate, and it has stopped improving
         lam_now *= cfg.lam_growth
 
     if cfg.variant == "tsquant":  # per channel, the best iterate seen (the start included)
@@ -647,6 +681,9 @@ def solve_layer(
     )
 
 
+_PATIENCE_TOLERANCE = 1e-4  # relative gain of the best iterates that counts as progress
+
+
 class _BestIterate:
     """Per output channel, the best (w, alpha, bias) seen so far on the chosen measure (the
     channels of a layer are independent problems, so each keeps its own best iterate)."""
@@ -658,6 +695,10 @@ class _BestIterate:
 
     def _score(self, zp: dict) -> torch.Tensor:  # higher is better
         return zp["agree"].double() if self.measure == "agreement" else -zp["true_error"]
+
+    def total(self) -> float:
+        """The measure summed over channels (higher is better)."""
+        return float(self.score.sum())
 
     def offer(self, zp: dict, weights_t, alpha, bias) -> None:
         score = self._score(zp)
@@ -756,11 +797,14 @@ def solve_linear_layer(
 
     error_init = relative_error()
     history = [{"iter": 0, "relative_error": error_init}]
+    products = gram_fit @ weights_t  # kept current by the w and alpha steps
     for it in range(1, cfg.iters + 1):
         b = cross_residual() if toward is None else cross_residual() + toward
-        alpha = alpha_step(gram_fit, b, weights_t, alpha)
-        changes = coordinate_descent_wstep(gram_fit, b, weights_t, alpha, grid, cfg.cd_sweeps)
-        alpha = alpha_step(gram_fit, b, weights_t, alpha)
+        alpha = alpha_step(gram_fit, b, weights_t, alpha, products)
+        changes = coordinate_descent_wstep(
+            gram_fit, b, weights_t, alpha, grid, cfg.cd_sweeps, products=products
+        )
+        alpha = alpha_step(gram_fit, b, weights_t, alpha, products)
         # closed-form bias: mean residual, from the column sums of X
         bias = mean - alpha * (stats.column_sum @ weights_t) / m
         history.append({"iter": it, "relative_error": relative_error(), "changes": changes})
