@@ -23,6 +23,8 @@ from ..solver import SolverConfig
 from ..surgery import BoundaryPolicy
 from ..transform import MemoryConfig
 
+Schedule = Literal["onecycle", "cosine", "constant"]
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
@@ -81,9 +83,7 @@ class TrainConfig:
     lr: float = opt(0.1, "peak learning rate (SGD with Nesterov momentum)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "weight decay")
-    schedule: Literal["onecycle", "cosine", "constant"] = opt(
-        "onecycle", "learning-rate schedule: onecycle, cosine or constant"
-    )
+    schedule: Schedule = opt("onecycle", "learning-rate schedule: onecycle, cosine or constant")
     warmup: float = opt(0.15, "fraction of the steps spent warming up (onecycle)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     augment: bool = opt(True, "standard augmentation (random crop, flip where the dataset uses it)")
@@ -160,9 +160,7 @@ class FinetuneConfig(TrainConfig):
     # 91.14 % (a one-cycle 0.002 epoch gave 89.52 % with the earlier estimator)
     epochs: int = opt(1, "fine-tune epochs after step 2 (0 skips the stage)")
     lr: float = opt(0.0005, "learning rate of the fine-tune")
-    schedule: Literal["onecycle", "cosine", "constant"] = opt(
-        "constant", "learning-rate schedule: onecycle, cosine or constant"
-    )
+    schedule: Schedule = opt("constant", "learning-rate schedule: onecycle, cosine or constant")
     weight_decay: float = opt(0.0, "weight decay (latent weights)")
 
 
