@@ -332,6 +332,7 @@ def test_step2_methods_are_a_registry_and_transform_records_its_plan():
             "formats": formats,
             "input_quantizer": False,
             "head_inputs": [],
+            "budget": None,
         }
         assert calls == ["conv2.conv", "conv3.conv", "conv4.conv"]
         assert step2_plan(copy.deepcopy(model_q)) == plan  # kept with the model
@@ -393,3 +394,50 @@ def test_quantizer_parameters_stay_float64_through_float_and_half():
         before = q.qparams.clone()
         q.half().float()
         assert q.qparams.dtype == torch.float64 and torch.equal(q.qparams, before)
+
+
+def test_weight_budget_upgrades_the_layers_that_gain_most_per_bit_within_the_budget():
+    from tsquant.quantizers.weight import WeightGrid
+    from tsquant.transform import step2_plan
+
+    loader = calibration((8, 1, 12, 12), batches=2, seed=7)
+    model = build_model("small_cnn", in_channels=1, image_size=12, width=4)
+    step1 = step1_with_statistics(model, loader)
+    sizes = {n: step1.get_submodule(n).weight.numel() for n in ("conv2.conv", "conv3.conv")}
+    sizes["conv4.conv"] = step1.get_submodule("conv4.conv").weight.numel()
+    ternary, two = (WeightGrid.from_spec(f).information_bits for f in ("ternary", 2))
+    total = sum(sizes.values())
+    # room for conv2 and conv3 (the two smaller layers) but not for conv4 on top
+    budget = (
+        ternary * total + (two - ternary) * (sizes["conv2.conv"] + sizes["conv3.conv"])
+    ) / total
+    cfg = TransformConfig(
+        weight_budget=budget + 1e-6,
+        method=SolverConfig(iters=2),
+        positions_per_image=8,
+        verbose=False,
+    )
+    model_q = tsquant.transform(step1, loader, cfg)
+    plan = step2_plan(model_q)["budget"]
+    assert plan["average_bits"] <= budget + 1e-6
+    upgraded = {n for n, f in plan["formats"].items() if f == 2}
+    gains = plan["gains"]
+    # greedy by gain per bit: walking the layers from the highest gain per bit, a layer is
+    # upgraded exactly when it gains and still fits the budget
+    room = (budget + 1e-6 - ternary) * total
+    for name in sorted(gains, key=gains.get, reverse=True):
+        cost = sizes[name] * (two - ternary)
+        fits = gains[name] > 0 and cost <= room + 1e-9
+        assert (name in upgraded) == fits, name
+        room -= cost if fits else 0
+    assert upgraded
+    assert step2_plan(model_q)["formats"] == plan["formats"]
+    codes = {n: set(m.weight_codes.unique().tolist()) for n, m in quantized_layers(model_q).items()}
+    for name, fmt in plan["formats"].items():
+        assert codes[name] <= ({-1, 0, 1} if fmt == "ternary" else {-3, -1, 1, 3})
+    spent = sum(sizes[n] * (two if n in upgraded else ternary) for n in sizes) / total
+    assert abs(spent - plan["average_bits"]) < 1e-9
+    with pytest.raises(ValueError, match="below ternary's 1.585 bits"):
+        TransformConfig(weight_budget=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        TransformConfig(weight_budget=1.8, layer_formats={"conv2*": 2})

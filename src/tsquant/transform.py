@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -90,6 +91,12 @@ class TransformConfig:
     # pattern wins; or a function layer name -> format (None: weight_bits). torchao's
     # filter_fn / per-module config, for mixed precision
     layer_formats: dict | Callable[[str], str | int | None] | None = None
+    # mixed precision under a size budget: the average bits per quantized weight (log2 of the
+    # grid's levels: ternary 1.585, 2-bit 2.0). Layers get weight_bits or budget_format, the
+    # richer one where a measured step-2 pass says it gains most per added bit (see
+    # choose_formats); None: every layer weight_bits (or layer_formats)
+    weight_budget: float | None = None
+    budget_format: str | int = 2
     method: Any = "tsq"
     mode: Literal["sequential", "parallel"] = "sequential"  # parallel: inputs are step-1 codes
     calib_images: int | None = None  # calibration images drawn from the loader (None: all)
@@ -126,6 +133,24 @@ class TransformConfig:
                 "layer_formats must be a dict {layer-name pattern: format} or a function of the "
                 f"layer name, got {type(self.layer_formats).__name__}"
             )
+        if self.weight_budget is not None:
+            low = WeightGrid.from_spec(self.weight_bits).information_bits
+            high = WeightGrid.from_spec(self.budget_format).information_bits
+            if self.layer_formats:
+                raise ValueError(
+                    "weight_budget chooses the layers' formats itself: give weight_budget or "
+                    "layer_formats, not both"
+                )
+            if not (isinstance(self.weight_budget, int | float) and low <= self.weight_budget):
+                raise ValueError(
+                    f"weight_budget={self.weight_budget!r} is below {self.weight_bits}'s "
+                    f"{low:.3f} bits per weight: use a budget between {low:.3f} and {high:.3f}"
+                )
+            if high <= low:
+                raise ValueError(
+                    f"budget_format={self.budget_format!r} has no more levels than "
+                    f"weight_bits={self.weight_bits!r}: pick a richer format, e.g. 2 or 3"
+                )
         solver_bits = getattr(self.method, "weight_bits", None)
         if solver_bits is not None and WeightGrid.from_spec(solver_bits) not in (
             WeightGrid.from_spec(self.weight_bits),
@@ -312,6 +337,82 @@ def _solve_otwa(task: LayerTask) -> LayerSolution:
     )
 
 
+def _bare_task(step1: nn.Module, layer: Layer, fmt, cfg: TransformConfig) -> LayerTask:
+    """The layer's task without data: the BN-folded step-1 weights and the BN shift."""
+    weight = step1.get_submodule(layer.name).weight.detach()
+    scale, shift = bn_affine(step1, layer)
+    init = weight.reshape(weight.shape[0], -1) * scale[:, None]
+    return LayerTask(layer, init, shift, fmt, WeightGrid.from_spec(fmt), cfg)
+
+
+def _capture(task, index, kind, step1, source, calibration, cfg, memory, targets=None) -> None:
+    """Fill the task's rows: its inputs from ``source`` and its targets (``targets`` when
+    captured already) from the step-1 model, at the same sampled positions."""
+    coded = kind == "codes"
+    if targets is None:  # FP targets are captured per layer: kept for all they would add up
+        targets = capture_targets(step1, {index: (task.layer, kind)}, calibration, cfg)[index]
+    X, offset = capture_layer_inputs(
+        task.layer, index, source, calibration, cfg, coded and task.layer.residual, memory.cache_mb
+    )
+    task.X, task.Y, task.offset = X, targets, (offset if coded else None)
+    task.quantizer = step1.get_submodule(task.layer.activation) if coded else None
+
+
+def _quality(sol: LayerSolution) -> float:
+    """Higher is better: code agreement (coded layers) or 1 - relative error (linear targets)."""
+    return sol.agreement if math.isfinite(sol.agreement) else 1.0 - sol.relative_error
+
+
+def choose_formats(step1, todo, kinds, calibration, cfg, memory, method) -> dict:
+    """Mixed precision under ``cfg.weight_budget`` (average bits per quantized weight).
+
+    Each layer's problem is captured from the step-1 model (parallel mode) and solved in both
+    formats; its gain is the rise of its quality (code agreement, or 1 - relative error for a
+    linear target) per added bit of the whole layer. Layers are upgraded to
+    ``cfg.budget_format`` in order of gain per bit while the average stays within the budget
+    (layers no format change helps stay as they are). Returns {"formats", "average_bits",
+    "budget", "gains"}."""
+    base, rich = WeightGrid.from_spec(cfg.weight_bits), WeightGrid.from_spec(cfg.budget_format)
+    # the budget is over the layers at weight_bits (int8 boundary layers stay as they are)
+    free = [i for i, layer in enumerate(todo) if _boundary_format(cfg, layer) == cfg.weight_bits]
+    sizes = {todo[i].name: step1.get_submodule(todo[i].name).weight.numel() for i in free}
+    gains = {}
+    for i in free:
+        layer = todo[i]
+        task = _bare_task(step1, layer, cfg.weight_bits, cfg)
+        if method.needs_data:
+            _capture(task, i, kinds[i], step1, step1, calibration, cfg, memory)
+        quality = {}
+        for fmt in (cfg.weight_bits, cfg.budget_format):
+            trial = replace(task, weight_bits=fmt, grid=WeightGrid.from_spec(fmt))
+            quality[fmt] = _quality(method.solve(trial))
+        extra = sizes[layer.name] * (rich.information_bits - base.information_bits)
+        gains[layer.name] = (quality[cfg.budget_format] - quality[cfg.weight_bits]) / extra
+        del task
+        release_freed_memory()
+    total = sum(sizes.values())
+    spent = base.information_bits * total
+    formats = {}
+    for name in sorted(gains, key=gains.get, reverse=True):
+        cost = sizes[name] * (rich.information_bits - base.information_bits)
+        if gains[name] > 0 and spent + cost <= cfg.weight_budget * total + 1e-9:
+            formats[name], spent = cfg.budget_format, spent + cost
+    formats |= {name: cfg.weight_bits for name in gains if name not in formats}
+    if cfg.verbose:
+        upgraded = [n for n, f in formats.items() if f == cfg.budget_format]
+        print(
+            f"[step2] budget {cfg.weight_budget} bits/weight: {spent / total:.3f} with "
+            f"{cfg.budget_format} on {upgraded or 'no layer'}",
+            flush=True,
+        )
+    return {
+        "formats": formats,
+        "average_bits": spent / total,
+        "budget": cfg.weight_budget,
+        "gains": gains,
+    }
+
+
 def transform(
     model_step1: nn.Module,
     calib_loader: Iterable,
@@ -349,10 +450,14 @@ def transform(
         layers = analyse(step1)
         todo = quantizable_layers(layers, cfg.first_layer, cfg.last_layer)
         formats = {layer.name: _boundary_format(cfg, layer) for layer in todo}
+        kinds = [_target_kind(step1, layer) for layer in todo]
+        budget = None
+        if cfg.weight_budget is not None:
+            budget = choose_formats(step1, todo, kinds, calibration, cfg, memory, method)
+            formats |= budget["formats"]
         boundary = _int8_boundary(quantized, step1, calibration, cfg)
         quantized = boundary["model"]
         total = time.perf_counter()
-        kinds = [_target_kind(step1, layer) for layer in todo]
         code_targets: dict[int, RowStore] = {}
         if method.needs_data:
             # the step-1 codes every coded layer reproduces, from one pass of the step-1 model
@@ -362,11 +467,8 @@ def transform(
         for index, layer in enumerate(bar):
             # the first layer's capture time includes the pass that captured all code targets
             start = total if index == 0 else time.perf_counter()
-            weight = step1.get_submodule(layer.name).weight.detach()
-            scale, shift = bn_affine(step1, layer)
-            init = weight.reshape(weight.shape[0], -1) * scale[:, None]
-            grid = WeightGrid.from_spec(formats[layer.name])
-            task = LayerTask(layer, init, shift, formats[layer.name], grid, cfg)
+            task = _bare_task(step1, layer, formats[layer.name], cfg)
+            grid = task.grid
             if not method.needs_data:
                 sol = method.solve(task)
                 write_back(quantized, layer, sol.weight_codes, sol.alpha, sol.bias, grid)
@@ -382,15 +484,18 @@ def transform(
             source = quantized if cfg.mode == "sequential" else step1
             target_kind = kinds[index]
             coded = target_kind == "codes"
-            if coded:
-                Y = code_targets.pop(index)
-            else:  # FP targets are captured per layer: kept for all layers they would add up
-                Y = capture_targets(step1, {index: (layer, target_kind)}, calibration, cfg)[index]
-            X, offset = capture_layer_inputs(
-                layer, index, source, calibration, cfg, coded and layer.residual, memory.cache_mb
+            _capture(
+                task,
+                index,
+                target_kind,
+                step1,
+                source,
+                calibration,
+                cfg,
+                memory,
+                code_targets.pop(index, None),
             )
-            task.X, task.Y, task.offset = X, Y, (offset if coded else None)
-            task.quantizer = step1.get_submodule(layer.activation) if coded else None
+            X, Y, offset = task.X, task.Y, task.offset
             release_freed_memory()  # the capture's per-batch temporaries
             capture_s = time.perf_counter() - start
             sol = method.solve(task)
@@ -439,6 +544,7 @@ def transform(
             "formats": formats,
             "input_quantizer": boundary["input_quantizer"],
             "head_inputs": boundary["head_inputs"],
+            "budget": budget,
         }
         set_record(quantized, "tsquant_step2", plan)
         return quantized

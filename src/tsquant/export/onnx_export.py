@@ -35,7 +35,9 @@ def _onnx():
     return onnx
 
 
-class _Builder:
+class GraphBuilder:
+    """ONNX nodes and initializers under construction, with fresh names."""
+
     def __init__(self):
         onnx = _onnx()
         self.h, self.T, self.nh = onnx.helper, onnx.TensorProto, onnx.numpy_helper
@@ -82,7 +84,7 @@ class _Writer:
     """Emits the ONNX nodes of an exported graph: one method per op, looked up in _EMIT."""
 
     def __init__(self, exported: ExportedModel):
-        self.b = _Builder()
+        self.b = GraphBuilder()
         self.T = self.b.T
         self.t = exported.tensors
         self.input_rank = len(exported.input_shape) + 1

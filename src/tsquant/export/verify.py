@@ -37,17 +37,24 @@ def quantizer_codes(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 
 def verify(
-    model: torch.nn.Module, exported: ExportedModel, loader, onnx_session=None, desc="verify"
+    model: torch.nn.Module,
+    exported: ExportedModel,
+    loader,
+    onnx_session=None,
+    desc="verify",
+    qonnx_runner=None,
 ) -> dict:
-    """Figures for benchmarks/deploy.json: accuracies and disagreement counts on ``loader``."""
+    """Figures for benchmarks/deploy.json: accuracies and disagreement counts on ``loader``;
+    ``qonnx_runner`` (a QONNXRunner) adds the QONNX file run by qonnx's own executor."""
     model = model.eval().cpu()
     model64 = copy.deepcopy(model).double()
     runtime = IntegerRuntime(exported)
-    counts = {"torch": 0, "torch64": 0, "int": 0, "onnx": 0}
+    counts = {"torch": 0, "torch64": 0, "int": 0, "onnx": 0, "qonnx": 0}
     stats = {
         "int_vs_fakequant_disagreements": 0,
         "int_vs_fakequant64_disagreements": 0,
         "onnx_vs_int_disagreements": 0,
+        "qonnx_vs_int_disagreements": 0,
         "code_mismatches_float32": 0,
         "code_mismatches_float64": 0,
         "codes_compared": 0,
@@ -71,6 +78,10 @@ def verify(
             pred_onnx = torch.from_numpy(onnx_session.run(None, {"input": x.numpy()})[0]).argmax(1)
             counts["onnx"] += int((pred_onnx == y).sum())
             stats["onnx_vs_int_disagreements"] += int((pred_onnx != pred_int).sum())
+        if qonnx_runner is not None:
+            pred_qonnx = qonnx_runner.run(x).argmax(1)
+            counts["qonnx"] += int((pred_qonnx == y).sum())
+            stats["qonnx_vs_int_disagreements"] += int((pred_qonnx != pred_int).sum())
         batch_layers = {}
         for name, c in codes_int.items():
             bad32 = int((c != codes32[name].to(torch.int32)).sum())
@@ -93,6 +104,7 @@ def verify(
         "torch64_top1": 100.0 * counts["torch64"] / total,
         "int_top1": 100.0 * counts["int"] / total,
         "onnx_top1": 100.0 * counts["onnx"] / total if onnx_session is not None else None,
+        "qonnx_top1": 100.0 * counts["qonnx"] / total if qonnx_runner is not None else None,
         **stats,
         "per_layer_code_mismatches": {k: v[0] for k, v in per_layer.items()},
         "first_batch_code_agreement_percent": first_batch_agreement,

@@ -21,7 +21,7 @@ from ..options import literal_choices, type_hints, union_members
 from ..options import option as opt
 from ..solver import SolverConfig
 from ..surgery import BoundaryPolicy
-from ..transform import MemoryConfig
+from ..transform import MemoryConfig, TransformConfig
 
 Schedule = Literal["onecycle", "cosine", "constant"]
 
@@ -140,6 +140,13 @@ class TransformStageConfig:
     mode: Literal["sequential", "parallel"] = opt(
         "sequential", "inputs from the quantized network (sequential) or step-1 codes (parallel)"
     )
+    weight_budget: float | None = opt(
+        None,
+        "mixed precision: average bits per quantized weight (log2 of the levels: ternary "
+        "1.585, 2-bit 2.0); layers get weight_bits or budget_format where a measured step-2 "
+        "pass says it gains most per bit",
+    )
+    budget_format: str | int = opt(2, "the richer weight format weight_budget buys")
     calib_images: int = opt(2000, "calibration images (drawn from the training set)")
     positions_per_image: int = opt(64, "sampled output positions per image for conv layers")
     first_layer: BoundaryPolicy = opt(
@@ -172,6 +179,11 @@ class ExportConfig:
         "for models with operations the export lacks",
     )
     onnx: bool = opt(True, "also write model.onnx (integer ConvInteger/MatMulInteger encoding)")
+    qonnx: bool = opt(
+        False,
+        "also write model.qonnx.onnx for FINN (Quant / MultiThreshold at the true bit widths), "
+        "checked by qonnx's executor against the integer runtime (pip install 'tsquant[qonnx]')",
+    )
     verify_images: int | None = opt(
         None, "test images for the int/ONNX vs PyTorch check (default: all; 0 skips it)"
     )
@@ -464,6 +476,18 @@ def _validate_run(cfg: RunConfig) -> None:
                 f"transform.{method}.{changed[0]} is set but transform.method is {t.method}: "
                 f"remove it, or set transform.method: {method}"
             )
+    try:  # the step-2 options, checked by the library's own TransformConfig
+        transform_config_of(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"transform: {exc}") from None
+    if cfg.export.enabled and cfg.export.qonnx:
+        import importlib.util
+
+        if importlib.util.find_spec("qonnx") is None:
+            raise ConfigError(
+                "export.qonnx needs the qonnx package: pip install 'tsquant[qonnx]', or set "
+                "export.qonnx: false"
+            )
     if cfg.train.distill:
         raise ConfigError(
             "train.distill distils from the FP model, which the train stage is making: set it "
@@ -489,6 +513,17 @@ def _validate_run(cfg: RunConfig) -> None:
                     "choose an out_dir you can write to"
                 ) from None
             break
+
+
+def transform_config_of(cfg: RunConfig, **overrides) -> TransformConfig:
+    """The run's step-2 options as the library's TransformConfig: the transform section's
+    fields by name, the method with its options section (otwa has none), the run's seed."""
+    section = cfg.transform
+    options = {f.name: getattr(section, f.name) for f in fields(section)}
+    options["method"] = options.get(section.method, section.method)
+    library = {f.name for f in fields(TransformConfig)}
+    options = {k: v for k, v in options.items() if k in library}
+    return TransformConfig(**{**options, "seed": cfg.seed, **overrides})
 
 
 def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> RunConfig:

@@ -38,7 +38,7 @@ from ..surgery import analyse, apply_boundary, convert_to_step1, quantized_skele
 from ..training import clear_resume, evaluate, train
 from ..transform import TransformConfig, step2_plan, transform
 from ..version import __version__
-from .config import ConfigError, RunConfig, from_dict
+from .config import ConfigError, RunConfig, from_dict, transform_config_of
 from .lock import RunLock
 from .provenance import UPSTREAM, describe_change, stage_config
 
@@ -248,15 +248,8 @@ class Context:
         )
 
     def transform_config(self, **overrides) -> TransformConfig:
-        """Step-2 options of this run (the transform section, seed and device) + overrides:
-        the section's fields by name, the method with its options section (otwa has none)."""
-        section = self.cfg.transform
-        options = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-        options["method"] = options.get(section.method, section.method)
-        library = {f.name for f in dataclasses.fields(TransformConfig)}
-        options = {k: v for k, v in options.items() if k in library}
-        options |= {"seed": self.cfg.seed, "device": self.device}
-        return TransformConfig(**{**options, **overrides})
+        """Step-2 options of this run (config.transform_config_of) on this run's device."""
+        return transform_config_of(self.cfg, **{"device": self.device, **overrides})
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -572,20 +565,32 @@ def stage_export(ctx: Context) -> dict:
     sample = next(iter(BatchLoader(test.subset(sample_n, seed=ctx.cfg.seed), sample_n)))[0]
     card = model_card(exported, out, sample.contiguous().float())
     print(format_card(card), flush=True)
-    session = None
+    session = qonnx = None
     if ctx.cfg.export.onnx:
         session = onnx_session(to_onnx(exported, out / "model.onnx"))
+    if ctx.cfg.export.qonnx:
+        from ..export.qonnx_export import QONNXRunner, to_qonnx
+
+        to_qonnx(exported, out / "model.qonnx.onnx")
+        qonnx = QONNXRunner(exported)
     row = {"model": ctx.cfg.model.name, "dataset": info["dataset"], "source_stage": source}
     n = ctx.cfg.export.verify_images
     if n != 0:
         data = test if n is None or n >= len(test) else test.subset(n, seed=ctx.cfg.seed)
         row.update(
-            verify(model, exported, BatchLoader(data, ctx.cfg.data.eval_batch_size), session)
+            verify(
+                model,
+                exported,
+                BatchLoader(data, ctx.cfg.data.eval_batch_size),
+                session,
+                qonnx_runner=qonnx,
+            )
         )
         print(
             f"[export] {row['test_images']} test images: torch {row['torch_top1']:.2f}% | "
             f"int {row['int_top1']:.2f}% | onnx {row['onnx_top1'] if session else 'n/a'} | "
-            f"int vs torch prediction disagreements {row['int_vs_fakequant_disagreements']} "
+            + (f"qonnx {row['qonnx_top1']:.2f}% | " if qonnx else "")
+            + f"int vs torch prediction disagreements {row['int_vs_fakequant_disagreements']} "
             f"(vs float64 torch: {row['int_vs_fakequant64_disagreements']}), "
             f"code mismatches {row['code_mismatches_float32']} of {row['codes_compared']:,}",
             flush=True,

@@ -13,6 +13,7 @@ what the coordinate descent of the solver relies on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ class WeightGrid:
     @property
     def bits(self) -> int:
         return max(1, (self.num_levels - 1).bit_length())
+
+    @property
+    def information_bits(self) -> float:
+        """log2 of the number of levels: ternary 1.585, k-bit k, narrow:k log2(2^k - 1); what a
+        size budget counts (storage packs ternary into 2 bits)."""
+        return math.log2(self.num_levels)
 
     @property
     def code_dtype(self) -> torch.dtype:
