@@ -294,3 +294,26 @@ def test_unused_result_of_an_inplace_relu_module_keeps_its_effect():
     assert any(isinstance(m, SparseQuantizer) for m in step1.modules())
     with torch.no_grad():
         assert not torch.equal(step1.eval()(x), normalised(x))  # the quantizer is in the path
+
+
+class AdaptivePooled(nn.Module):
+    """Quantizable, but an adaptive pool to 2x2 has no integer export (only to 1x1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn(self.conv(x))))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_export_problems_are_reported_by_prepare_step1_before_any_training():
+    with pytest.raises(
+        SurgeryError, match=r"AdaptiveAvgPool2d.*not exportable.*check_export=False"
+    ):
+        tsquant.prepare_step1(AdaptivePooled())
+    step1 = tsquant.prepare_step1(AdaptivePooled(), check_export=False)  # no export wanted
+    assert any(isinstance(m, SparseQuantizer) for m in step1.modules())
