@@ -22,11 +22,11 @@ def test_round_trip_restores_codes_and_parameters(exported_resnet):
     assert quantized
     for name, module in quantized:
         node = by_module[name]
-        assert node["attrs"]["codes_bits"] == 2  # ternary: 2 bits, four weights per byte
+        assert node["attrs"]["codes_bits"] == 1.6  # ternary: five weights per byte
         assert torch.equal(loaded.tensors[node["tensors"]["codes"]], module.weight_codes)
         assert torch.equal(loaded.tensors[node["tensors"]["alpha"]], module.alpha.detach())
         stored = manifest["tensors"][node["tensors"]["codes"]]
-        assert stored == {"shape": [(module.weight.numel() * 2 + 7) // 8], "dtype": "uint8"}
+        assert stored == {"shape": [-(-module.weight.numel() // 5)], "dtype": "uint8"}
 
 
 def test_no_pickle_in_the_tensor_file(exported_resnet):

@@ -100,7 +100,7 @@ def format_card(card: dict) -> str:
     lines.append("  layers")
     for r in card["layers"]:
         zeros = "" if r["zero_weights"] is None else f", {100 * r['zero_weights']:.1f}% zero"
-        grid = "FP32" if r["grid"] == "fp32" else f"{r['grid']} ({r['weight_bits']} bits packed)"
+        grid = "FP32" if r["grid"] == "fp32" else f"{r['grid']} ({r['weight_bits']:g} bits packed)"
         lines.append(
             f"    {r['name']}: {r['op']}, {grid} weights{zeros}, "
             f"{_human(r['macs_per_sample'])} MACs"

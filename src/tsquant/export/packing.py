@@ -1,9 +1,14 @@
-"""Bit packing of low-bit integer codes for the export file.
+"""Packing of low-bit integer codes for the export file.
 
 A grid code ``c`` (ternary {-1, 0, 1}, or any :class:`WeightGrid`) is stored as its level index
-``(c - low) / spacing`` in ``bits`` bits, little-endian within each byte: ternary and 2-bit
-grids take 2 bits, so four weights share one byte. Activation codes 0..2^b-1 use the same path
-with ``low = 0, spacing = 1``.
+``(c - low) / spacing``. Two layouts, whichever takes fewer bits per code for the grid's number
+of levels L (both writer and reader derive it from L):
+
+- radix: k = floor(log_L 256) codes per byte, byte = sum_i level_i * L^i (code i of the group
+  in digit i). Ternary: 5 codes per byte (3^5 = 243), 1.6 bits per weight instead of 2; five
+  levels: 3 per byte.
+- bits: ``ceil(log2 L)`` bits per code, little-endian within each byte (2-bit grids: four per
+  byte), for the grids radix packing does not beat.
 """
 
 from __future__ import annotations
@@ -22,8 +27,23 @@ def bits_for_levels(num_levels: int) -> int:
     return (num_levels - 1).bit_length()
 
 
-def packed_nbytes(count: int, bits: int) -> int:
-    return (count * bits + 7) // 8
+def layout(num_levels: int) -> tuple[str, int]:
+    """("radix", codes per byte) or ("bits", bits per code): the smaller for L levels."""
+    bits = bits_for_levels(num_levels)
+    per_byte = 1
+    while num_levels ** (per_byte + 1) <= 256:
+        per_byte += 1
+    return ("radix", per_byte) if 8 / per_byte < bits else ("bits", bits)
+
+
+def bits_per_code(num_levels: int) -> float:
+    kind, k = layout(num_levels)
+    return 8 / k if kind == "radix" else float(k)
+
+
+def packed_nbytes(count: int, num_levels: int) -> int:
+    kind, k = layout(num_levels)
+    return -(-count // k) if kind == "radix" else (count * k + 7) // 8
 
 
 def grid_bits(low: int, high: int, spacing: int) -> int:
@@ -45,9 +65,16 @@ def pack_codes(codes: torch.Tensor, low: int, high: int, spacing: int) -> torch.
             f"codes lie off the grid {low}..{high} (spacing {spacing}): "
             "is this a quantized layer's weight_codes?"
         )
-    levels = (index // spacing).numpy().astype(np.uint8)
+    levels = (index // spacing).numpy().astype(np.int64)
+    num_levels = (high - low) // spacing + 1
+    kind, k = layout(num_levels)
+    if kind == "radix":  # groups of k codes, code i of a group in base-L digit i
+        groups = np.zeros(-(-levels.size // k) * k, dtype=np.int64)
+        groups[: levels.size] = levels
+        digits = num_levels ** np.arange(k, dtype=np.int64)
+        return torch.from_numpy((groups.reshape(-1, k) @ digits).astype(np.uint8))
     # one row of `bits` binary digits per code (least significant first), then 8 digits per byte
-    digits = (levels[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    digits = (levels.astype(np.uint8)[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
     packed = np.packbits(digits.reshape(-1), bitorder="little")
     return torch.from_numpy(packed)
 
@@ -58,16 +85,28 @@ def unpack_codes(
     """Inverse of :func:`pack_codes`; returns int8 codes (int16 beyond the int8 range)."""
     bits = grid_bits(low, high, spacing)
     count = int(np.prod(shape, dtype=np.int64))
+    num_levels = (high - low) // spacing + 1
+    expected = packed_nbytes(count, num_levels)
     buffer = packed.detach().reshape(-1).cpu()
-    if buffer.dtype != torch.uint8 or buffer.numel() != packed_nbytes(count, bits):
+    if buffer.dtype != torch.uint8 or buffer.numel() != expected:
         raise PackingError(
-            f"packed buffer has {buffer.numel()} {buffer.dtype} entries, expected "
-            f"{packed_nbytes(count, bits)} uint8 for {count} codes of {bits} bits: "
-            "the file is damaged or was not written by tsquant export"
+            f"packed buffer has {buffer.numel()} {buffer.dtype} entries, expected {expected} "
+            f"uint8 for {count} codes of {num_levels} levels: the file is damaged or was not "
+            "written by this version of tsquant export"
         )
-    digits = np.unpackbits(buffer.numpy(), bitorder="little", count=count * bits)
-    weights = (1 << np.arange(bits, dtype=np.int64))[None, :]
-    levels = (digits.reshape(count, bits).astype(np.int64) * weights).sum(1)
+    kind, k = layout(num_levels)
+    if kind == "radix":
+        groups = buffer.numpy().astype(np.int64)
+        if groups.size and groups.max() >= num_levels**k:
+            raise PackingError(
+                f"packed byte {groups.max()} exceeds the grid's top level: the file is damaged"
+            )
+        digits = num_levels ** np.arange(k, dtype=np.int64)
+        levels = ((groups[:, None] // digits[None, :]) % num_levels).reshape(-1)[:count]
+    else:
+        bits_raw = np.unpackbits(buffer.numpy(), bitorder="little", count=count * bits)
+        weights = (1 << np.arange(bits, dtype=np.int64))[None, :]
+        levels = (bits_raw.reshape(count, bits).astype(np.int64) * weights).sum(1)
     codes = low + spacing * levels
     if count and codes.max() > high:
         raise PackingError(f"packed codes exceed the grid's top level {high}: the file is damaged")
