@@ -29,3 +29,21 @@ def random_tsq_model(name: str, grid="ternary", seed: int = 0) -> torch.nn.Modul
         alpha = torch.rand(c_out) * 0.1 + 0.02
         write_back(model, layer, codes, alpha, torch.randn(c_out) * 0.3, grid)
     return model
+
+
+def int8_boundary_small_cnn(images: torch.Tensor, iters: int = 2) -> torch.nn.Module:
+    """A Fashion-MNIST-sized CNN through step 2 with int8 first and last layers."""
+    import tsquant
+
+    from bn_helpers import with_bn_statistics
+
+    model = build_model("small_cnn", in_channels=1, image_size=28, width=4)
+    step1 = with_bn_statistics(tsquant.prepare_step1(model), images)
+    cfg = tsquant.TransformConfig(
+        first_layer="int8",
+        last_layer="int8",
+        method=tsquant.SolverConfig(iters=iters),
+        positions_per_image=8,
+        verbose=False,
+    )
+    return tsquant.transform(step1, list(images.split(16)), cfg)

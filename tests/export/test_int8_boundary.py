@@ -7,32 +7,21 @@ from __future__ import annotations
 import copy
 
 import torch
+from export_helpers import int8_boundary_small_cnn
 
 import tsquant
-from tsquant import InputQuantizer, QuantizedConv2d, QuantizedLinear, SolverConfig, SparseQuantizer
+from tsquant import InputQuantizer, QuantizedConv2d, QuantizedLinear, SparseQuantizer
 from tsquant.export import IntegerRuntime, export_model, load_export
 from tsquant.export.onnx_export import onnx_session, to_onnx
 from tsquant.export.verify import quantizer_codes
 from tsquant.models import build_model
 from tsquant.transform import step2_plan
 
-from bn_helpers import with_bn_statistics
-
 
 def test_int8_boundary_layers_through_export(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    step1 = with_bn_statistics(
-        tsquant.prepare_step1(build_model("small_cnn", in_channels=1, image_size=28, width=4)), x
-    )
-    cfg = tsquant.TransformConfig(
-        first_layer="int8",
-        last_layer="int8",
-        method=SolverConfig(iters=2),
-        positions_per_image=8,
-        verbose=False,
-    )
-    model_q = tsquant.transform(step1, list(x.split(16)), cfg)
+    model_q = int8_boundary_small_cnn(x)
     plan = step2_plan(model_q)
     assert plan["input_quantizer"] and plan["formats"]["conv1.conv"] == "narrow:8"
     assert plan["formats"]["classifier"] == "narrow:8"

@@ -5,12 +5,9 @@ import copy
 
 import pytest
 import torch
-from export_helpers import SHAPES, random_tsq_model
+from export_helpers import SHAPES, int8_boundary_small_cnn, random_tsq_model
 
-import tsquant
-from tsquant import SolverConfig
 from tsquant.export import IntegerRuntime, export_model, load_export
-from tsquant.models import build_model
 
 pytest.importorskip("qonnx")
 from tsquant.export.qonnx_export import QONNXRunner, to_qonnx  # noqa: E402
@@ -50,19 +47,7 @@ def test_qonnx_file_has_true_bit_widths_and_matches_the_integer_runtime(tmp_path
 
 def test_int8_boundary_layers_in_qonnx(tmp_path):
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    from bn_helpers import with_bn_statistics
-
-    step1 = with_bn_statistics(
-        tsquant.prepare_step1(build_model("small_cnn", in_channels=1, image_size=28, width=4)), x
-    )
-    cfg = tsquant.TransformConfig(
-        first_layer="int8",
-        last_layer="int8",
-        method=SolverConfig(iters=1),
-        positions_per_image=8,
-        verbose=False,
-    )
-    model_q = tsquant.transform(step1, [x], cfg)
+    model_q = int8_boundary_small_cnn(x, iters=1)
     export_model(model_q, tmp_path, [1, 28, 28])
     exported = load_export(tmp_path)
     test = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
