@@ -31,13 +31,15 @@ def random_tsq_model(name: str, grid="ternary", seed: int = 0) -> torch.nn.Modul
     return model
 
 
-def int8_boundary_small_cnn(images: torch.Tensor, iters: int = 2) -> torch.nn.Module:
+def int8_boundary_small_cnn(
+    images: torch.Tensor, iters: int = 2, width: int = 4
+) -> torch.nn.Module:
     """A Fashion-MNIST-sized CNN through step 2 with int8 first and last layers."""
     import tsquant
 
     from bn_helpers import with_bn_statistics
 
-    model = build_model("small_cnn", in_channels=1, image_size=28, width=4)
+    model = build_model("small_cnn", in_channels=1, image_size=28, width=width)
     step1 = with_bn_statistics(tsquant.prepare_step1(model), images)
     cfg = tsquant.TransformConfig(
         first_layer="int8",

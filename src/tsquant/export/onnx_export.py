@@ -1,9 +1,13 @@
 """ONNX encoding of an exported TSQ model, with the integer arithmetic made explicit.
 
-Quantized layers are ``ConvInteger`` / ``MatMulInteger`` on uint8 activation codes and int8
-weight codes (int32 accumulators), followed by the same per-channel integer thresholds as the
-integer runtime (``Greater`` + ``ReduceSum`` produce the next uint8 codes). Residual adds and
-full-precision ops run in float64 (``Conv`` in float32, as onnxruntime has no float64 Conv).
+Quantized layers multiply activation codes by weight codes and compare the accumulators with
+the same per-channel integer thresholds as the integer runtime. Where every sum of a layer stays
+below 2^24 (checked per layer: inputs * max code * max weight code), the codes travel as
+integer-valued float32 and the products run as float32 ``Conv`` / ``MatMul``, which are exact
+there and several times faster in onnxruntime than ``ConvInteger`` / ``MatMulInteger``; larger
+sums (an 8-bit head) use the integer ops on uint8 codes and int8 weights (int32 accumulators).
+Residual adds and full-precision ops run in float64 (``Conv`` in float32, as onnxruntime has no
+float64 Conv).
 Requires the optional ``onnx`` package; the checks use ``onnxruntime``.
 """
 
@@ -71,13 +75,15 @@ def _pads(a: dict) -> list[int]:
 
 
 class _Value(NamedTuple):
-    """An ONNX value and how to read it: kind "codes" (uint8, extra = step), "acc" (int32,
-    extra = (scale, offset) per channel) or "float" (float64)."""
+    """An ONNX value and how to read it: kind "codes" (integer-valued float32, extra = step),
+    "acc" (int32) or "facc" (integer-valued float32; both extra = (scale, offset) per channel),
+    "icodes" (signed input codes, float64) or "float" (float64)."""
 
     kind: str
     name: str
     rank: int
     extra: object = None
+    top: int = 0  # codes: the largest code (2^bits - 1)
 
 
 class _Writer:
@@ -100,20 +106,25 @@ class _Writer:
         return b.op("Add", [b.op("Mul", [x, b.const(scale, "scale")]), b.const(offset, "offset")])
 
     def count_above(self, x: str, limits: np.ndarray, chunk: int = 8) -> str:
-        """Number of thresholds (axis 0 of limits) strictly below x, as uint8. The thresholds
-        are compared ``chunk`` at a time: an 8-bit quantizer has 255, and broadcasting them all
-        at once would hold 255 copies of the activation map (11 GB on 500 Fashion-MNIST images)."""
-        b = self.b
+        """Number of thresholds (axis 0 of limits, in x's dtype) strictly below x, as float32
+        codes. Up to ``chunk`` thresholds one comparison each; more are compared ``chunk`` at a
+        time through a broadcast: an 8-bit quantizer has 255, and broadcasting them all at once
+        would hold 255 copies of the activation map (11 GB on 500 Fashion-MNIST images)."""
+        b, F32 = self.b, self.T.FLOAT
+        if limits.shape[0] <= chunk:
+            counts = [
+                b.cast(b.op("Greater", [x, b.const(np.ascontiguousarray(limit), "thr")]), F32)
+                for limit in limits
+            ]
+            return counts[0] if len(counts) == 1 else b.op("Sum", counts)
         expanded = b.op("Unsqueeze", [x, b.const(np.array([0]))])
         total = None
         for start in range(0, limits.shape[0], chunk):
             part = np.ascontiguousarray(limits[start : start + chunk])
             above = b.op("Greater", [expanded, b.const(part, "thr")])
-            count = b.op(
-                "ReduceSum", [b.cast(above, self.T.INT32), b.const(np.array([0]))], keepdims=0
-            )
+            count = b.op("ReduceSum", [b.cast(above, F32), b.const(np.array([0]))], keepdims=0)
             total = count if total is None else b.op("Add", [total, count])
-        return b.cast(total, self.T.UINT8)
+        return total
 
     # --- one method per op: (node, input values) -> output value --------------------------
 
@@ -164,12 +175,28 @@ class _Writer:
             return self._signed_qlayer(node, args)
         if args[0].kind != "codes":  # e.g. a quantized first layer on the FP image
             return self.layer(node, args)
-        b, a = self.b, node.attrs
-        codes = node.tensor(self.t, "codes").to(torch.int8).numpy()
+        b, a, T = self.b, node.attrs, self.T
+        weight_codes = node.tensor(self.t, "codes")
         alpha = node.tensor(self.t, "alpha").double()
         bias = node.tensor(self.t, "bias")
         bias = torch.zeros_like(alpha) if bias is None else bias.double()
-        x = args[0].name
+        scale = (alpha * args[0].extra, bias)
+        largest = weight_codes[0].numel() * args[0].top * int(weight_codes.abs().max())
+        if largest < 2**24:  # every sum an exact float32 integer: the fast float ops
+            w = weight_codes.float().numpy()
+            if node.op == "qconv":
+                acc = b.op(
+                    "Conv",
+                    [args[0].name, b.const(w, "wcodes")],
+                    strides=a["stride"],
+                    pads=_pads(a),
+                    dilations=a["dilation"],
+                )
+                return _Value("facc", acc, 4, scale)
+            acc = b.op("MatMul", [args[0].name, b.const(w.T.copy(), "wcodes")])
+            return _Value("facc", acc, 2, scale)
+        codes = weight_codes.to(torch.int8).numpy()
+        x = b.cast(args[0].name, T.UINT8)
         if node.op == "qconv":
             inputs = [x, b.const(codes, "wcodes")]
             acc = b.op(
@@ -179,7 +206,7 @@ class _Writer:
         else:
             acc = b.op("MatMulInteger", [x, b.const(codes.T.copy(), "wcodes")])
             rank = 2
-        return _Value("acc", acc, rank, (alpha * args[0].extra, bias))
+        return _Value("acc", acc, rank, scale)
 
     def _float_weight(self, node: Node) -> torch.Tensor:
         if node.op in ("qconv", "qlinear"):
@@ -220,16 +247,23 @@ class _Writer:
     def quantize(self, node: Node, args) -> _Value:
         b, a, x = self.b, node.attrs, args[0]
         edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
-        if x.kind == "acc":
+        if x.kind in ("acc", "facc"):
             sign, limits = integer_thresholds(x.extra[0], x.extra[1], edges)
-            sign = b.const(sign.numpy().reshape(_channel_shape(x.rank)))
-            signed = b.op("Mul", [b.cast(x.name, self.T.INT64), sign])
             limits = limits.numpy().T.reshape([-1, 1, limits.shape[0]] + [1] * (x.rank - 2))
+            sign = sign.numpy().reshape(_channel_shape(x.rank))
+            if x.kind == "facc":  # |acc| < 2^24: limits clipped to that range stay exact
+                sign = sign.astype(np.float32)
+                limits = limits.clip(-(2**24), 2**24).astype(np.float32)
+                signed = x.name
+            else:
+                signed = b.cast(x.name, self.T.INT64)
+            if (sign != 1).any():  # alpha * step > 0 in practice: no multiplication then
+                signed = b.op("Mul", [signed, b.const(sign)])
             codes = self.count_above(signed, np.ascontiguousarray(limits))
         else:
             limits = edges.numpy().reshape([-1] + [1] * x.rank)
             codes = self.count_above(self.double(x), limits)
-        return _Value("codes", codes, x.rank, a["step"])
+        return _Value("codes", codes, x.rank, a["step"], 2 ** a["bits"] - 1)
 
     def relu(self, node: Node, args) -> _Value:
         return _Value("float", self.b.op("Relu", [self.double(args[0])]), args[0].rank)
@@ -250,7 +284,7 @@ class _Writer:
             dilations=a["dilation"],
             ceil_mode=int(a["ceil_mode"]),
         )
-        return _Value(x.kind, y, x.rank, x.extra) if codes else _Value("float", y, x.rank)
+        return x._replace(name=y) if codes else _Value("float", y, x.rank)
 
     def global_avgpool(self, node: Node, args) -> _Value:
         y = self.b.op("ReduceMean", [self.double(args[0]), self.b.const(np.array([2, 3]))])
@@ -271,7 +305,7 @@ class _Writer:
     def reshape(self, node: Node, args) -> _Value:
         """flatten / slice / pad act on codes directly (zero code = zero value)."""
         b, a, x = self.b, node.attrs, args[0]
-        if x.kind == "acc":
+        if x.kind in ("acc", "facc"):
             x = _Value("float", self.double(x), x.rank)
         name, rank = x.name, x.rank
         if node.op == "flatten":
@@ -291,7 +325,7 @@ class _Writer:
             for k, (lo, hi) in enumerate(pairs):
                 begin[rank - 1 - k], end[rank - 1 - k] = lo, hi
             name = b.op("Pad", [name, b.const(np.array(begin + end, dtype=np.int64))])
-        return _Value(x.kind, name, rank, x.extra)
+        return x._replace(name=name, rank=rank)
 
 
 _EMIT = {

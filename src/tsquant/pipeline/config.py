@@ -178,7 +178,9 @@ class ExportConfig:
         "write the integer export (checked before any training); false skips the export stage, "
         "for models with operations the export lacks",
     )
-    onnx: bool = opt(True, "also write model.onnx (integer ConvInteger/MatMulInteger encoding)")
+    onnx: bool = opt(
+        True, "also write model.onnx (integer codes x weight codes, exact; integer thresholds)"
+    )
     qonnx: bool = opt(
         False,
         "also write model.qonnx.onnx for FINN (Quant / MultiThreshold at the true bit widths), "
