@@ -441,3 +441,5 @@ def test_weight_budget_upgrades_the_layers_that_gain_most_per_bit_within_the_bud
         TransformConfig(weight_budget=1.5)
     with pytest.raises(ValueError, match="not both"):
         TransformConfig(weight_budget=1.8, layer_formats={"conv2*": 2})
+    with pytest.raises(ValueError, match="solves without data"):
+        TransformConfig(weight_budget=1.8, method="otwa")

@@ -146,6 +146,11 @@ class TransformConfig:
                     f"weight_budget={self.weight_budget!r} is below {self.weight_bits}'s "
                     f"{low:.3f} bits per weight: use a budget between {low:.3f} and {high:.3f}"
                 )
+            if not step2_method(self.method).needs_data:
+                raise ValueError(
+                    "weight_budget measures each layer's gain with step 2; method "
+                    f"{step2_method(self.method).name} solves without data: use method tsq"
+                )
             if high <= low:
                 raise ValueError(
                     f"budget_format={self.budget_format!r} has no more levels than "
@@ -377,6 +382,8 @@ def choose_formats(step1, todo, kinds, calibration, cfg, memory, method) -> dict
     free = [i for i, layer in enumerate(todo) if _boundary_format(cfg, layer) == cfg.weight_bits]
     sizes = {todo[i].name: step1.get_submodule(todo[i].name).weight.numel() for i in free}
     gains = {}
+    if not free:  # every quantized layer has a boundary format: nothing to choose
+        return {"formats": {}, "average_bits": None, "budget": cfg.weight_budget, "gains": {}}
     for i in free:
         layer = todo[i]
         task = _bare_task(step1, layer, cfg.weight_bits, cfg)

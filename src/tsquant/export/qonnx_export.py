@@ -13,7 +13,7 @@ the network in float32 and marks every quantization with the QONNX custom ops FI
 - the int8 input quantizer: ``Quant`` (signed, narrow, 8 bits) on the image.
 
 Everything else is standard ONNX in float32. Requires the optional ``onnx`` and ``qonnx``
-packages (``pip install 'tsquant[qonnx]'``); :func:`check_qonnx` runs the file with qonnx's own
+packages (``pip install 'tsquant[qonnx]'``); :class:`QONNXRunner` runs it with qonnx's own
 executor.
 """
 
