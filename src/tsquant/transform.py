@@ -149,7 +149,7 @@ class TransformConfig:
             if not step2_method(self.method).needs_data:
                 raise ValueError(
                     "weight_budget measures each layer's gain with step 2; method "
-                    f"{step2_method(self.method).name} solves without data: use method tsq"
+                    f"{self.method_name} solves without data: use method tsq"
                 )
             if high <= low:
                 raise ValueError(
@@ -378,30 +378,30 @@ def choose_formats(step1, todo, kinds, calibration, cfg, memory, method) -> dict
     (layers no format change helps stay as they are). Returns {"formats", "average_bits",
     "budget", "gains"}."""
     base, rich = WeightGrid.from_spec(cfg.weight_bits), WeightGrid.from_spec(cfg.budget_format)
+    added_bits = rich.information_bits - base.information_bits  # per weight of an upgrade
     # the budget is over the layers at weight_bits (int8 boundary layers stay as they are)
     free = [i for i, layer in enumerate(todo) if _boundary_format(cfg, layer) == cfg.weight_bits]
-    sizes = {todo[i].name: step1.get_submodule(todo[i].name).weight.numel() for i in free}
-    gains = {}
     if not free:  # every quantized layer has a boundary format: nothing to choose
         return {"formats": {}, "average_bits": None, "budget": cfg.weight_budget, "gains": {}}
-    for i in free:
+    sizes = {todo[i].name: step1.get_submodule(todo[i].name).weight.numel() for i in free}
+    gains = {}
+    for i in free:  # TransformConfig refuses a budget with a method that needs no data
         layer = todo[i]
         task = _bare_task(step1, layer, cfg.weight_bits, cfg)
-        if method.needs_data:
-            _capture(task, i, kinds[i], step1, step1, calibration, cfg, memory)
+        _capture(task, i, kinds[i], step1, step1, calibration, cfg, memory)
         quality = {}
         for fmt in (cfg.weight_bits, cfg.budget_format):
             trial = replace(task, weight_bits=fmt, grid=WeightGrid.from_spec(fmt))
             quality[fmt] = _quality(method.solve(trial))
-        extra = sizes[layer.name] * (rich.information_bits - base.information_bits)
-        gains[layer.name] = (quality[cfg.budget_format] - quality[cfg.weight_bits]) / extra
+        gain = quality[cfg.budget_format] - quality[cfg.weight_bits]
+        gains[layer.name] = gain / (sizes[layer.name] * added_bits)
         del task
         release_freed_memory()
     total = sum(sizes.values())
     spent = base.information_bits * total
     formats = {}
     for name in sorted(gains, key=gains.get, reverse=True):
-        cost = sizes[name] * (rich.information_bits - base.information_bits)
+        cost = sizes[name] * added_bits
         if gains[name] > 0 and spent + cost <= cfg.weight_budget * total + 1e-9:
             formats[name], spent = cfg.budget_format, spent + cost
     formats |= {name: cfg.weight_bits for name in gains if name not in formats}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ..fileio import save_json, save_tensors, sha256_of
 from ..version import __version__
 from .graph import ExportError, Node, build_graph, check_graph, quantized_nodes
-from .packing import PackingError, bits_per_code, pack_codes, unpack_codes
+from .packing import PackingError, bits_per_code, grid_levels, pack_codes, unpack_codes
 
 FORMAT = "tsquant-export"
 FORMAT_VERSION = 3  # 2: graph_sha256 covers the graph and the tensor specs; 3: radix packing
@@ -56,9 +56,8 @@ def export_model(
         a.update(
             {
                 "codes_shape": list(codes.shape),
-                "codes_bits": bits_per_code(
-                    (a["high"] - a["low"]) // a["spacing"] + 1
-                ),  # stored bits per weight: ternary 1.6 (five per byte)
+                # stored bits per weight: ternary 1.6 (five per byte)
+                "codes_bits": bits_per_code(grid_levels(a["low"], a["high"], a["spacing"])),
             }
         )
         stored[key] = pack_codes(codes, a["low"], a["high"], a["spacing"])

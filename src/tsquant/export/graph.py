@@ -62,6 +62,14 @@ class Node:
         key = self.tensors.get(role)
         return None if key is None else tensors[key]
 
+    def float_weight(self, tensors: dict) -> torch.Tensor:
+        """The layer's weights in float64: codes * alpha per output channel when quantized."""
+        if self.op in ("qconv", "qlinear"):
+            codes = self.tensor(tensors, "codes").double()
+            alpha = self.tensor(tensors, "alpha").double()
+            return codes * alpha.reshape(-1, *([1] * (codes.dim() - 1)))
+        return self.tensor(tensors, "weight").double()
+
 
 def _pair(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, tuple | list) else [int(value)] * 2

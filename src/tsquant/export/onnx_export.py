@@ -69,9 +69,26 @@ def _channel_shape(rank: int) -> list[int]:
     return [1, -1] + [1] * (rank - 2)
 
 
-def _pads(a: dict) -> list[int]:
+def conv_pads(a: dict) -> list[int]:
+    """ONNX pads (begin h, w, end h, w) of a conv/pool node's symmetric padding."""
     p = a["padding"]
     return [p[0], p[1], p[0], p[1]]
+
+
+def slice_inputs(slices: list) -> list[np.ndarray]:
+    """ONNX Slice's starts, ends, axes, steps of a slice node's [start, stop, step] per dim."""
+    starts = [s[0] or 0 for s in slices]
+    ends = [INT64_MAX if s[1] is None else s[1] for s in slices]
+    bounds = (starts, ends, list(range(len(slices))), [s[2] for s in slices])
+    return [np.array(v, dtype=np.int64) for v in bounds]
+
+
+def pad_amounts(pad: list, rank: int) -> np.ndarray:
+    """ONNX Pad's pads (all begins, then all ends) of torch's pad list (last dim first)."""
+    begin, end = [0] * rank, [0] * rank
+    for k in range(len(pad) // 2):
+        begin[rank - 1 - k], end[rank - 1 - k] = pad[2 * k], pad[2 * k + 1]
+    return np.array(begin + end, dtype=np.int64)
 
 
 class _Value(NamedTuple):
@@ -162,7 +179,11 @@ class _Writer:
         if node.op == "qconv":
             weight = b.const(codes.float().numpy(), "wcodes")
             y = b.op(
-                "Conv", [xf, weight], strides=a["stride"], pads=_pads(a), dilations=a["dilation"]
+                "Conv",
+                [xf, weight],
+                strides=a["stride"],
+                pads=conv_pads(a),
+                dilations=a["dilation"],
             )
             rank = 4
         else:
@@ -189,7 +210,7 @@ class _Writer:
                     "Conv",
                     [args[0].name, b.const(w, "wcodes")],
                     strides=a["stride"],
-                    pads=_pads(a),
+                    pads=conv_pads(a),
                     dilations=a["dilation"],
                 )
                 return _Value("facc", acc, 4, scale)
@@ -200,7 +221,11 @@ class _Writer:
         if node.op == "qconv":
             inputs = [x, b.const(codes, "wcodes")]
             acc = b.op(
-                "ConvInteger", inputs, strides=a["stride"], pads=_pads(a), dilations=a["dilation"]
+                "ConvInteger",
+                inputs,
+                strides=a["stride"],
+                pads=conv_pads(a),
+                dilations=a["dilation"],
             )
             rank = 4
         else:
@@ -208,16 +233,9 @@ class _Writer:
             rank = 2
         return _Value("acc", acc, rank, scale)
 
-    def _float_weight(self, node: Node) -> torch.Tensor:
-        if node.op in ("qconv", "qlinear"):
-            codes = node.tensor(self.t, "codes").double()
-            alpha = node.tensor(self.t, "alpha").double()
-            return codes * alpha.reshape(-1, *([1] * (codes.dim() - 1)))
-        return node.tensor(self.t, "weight")
-
     def layer(self, node: Node, args) -> _Value:
         b, a, T = self.b, node.attrs, self.T
-        weight, bias = self._float_weight(node), node.tensor(self.t, "bias")
+        weight, bias = node.float_weight(self.t), node.tensor(self.t, "bias")
         if node.op in ("conv", "qconv"):  # onnxruntime has no float64 Conv
             inputs = [b.cast(self.double(args[0]), T.FLOAT), b.const(weight.float().numpy(), "w")]
             if bias is not None:
@@ -226,7 +244,7 @@ class _Writer:
                 "Conv",
                 inputs,
                 strides=a["stride"],
-                pads=_pads(a),
+                pads=conv_pads(a),
                 dilations=a["dilation"],
                 group=a.get("groups", 1),
             )
@@ -280,7 +298,7 @@ class _Writer:
             [x.name if codes else self.double(x)],
             kernel_shape=a["kernel"],
             strides=a["stride"],
-            pads=_pads(a),
+            pads=conv_pads(a),
             dilations=a["dilation"],
             ceil_mode=int(a["ceil_mode"]),
         )
@@ -297,7 +315,7 @@ class _Writer:
             [b.cast(self.double(args[0]), T.FLOAT)],
             kernel_shape=a["kernel"],
             strides=a["stride"],
-            pads=_pads(a),
+            pads=conv_pads(a),
             count_include_pad=int(a["count_include_pad"]),
         )
         return _Value("float", b.cast(y, T.DOUBLE), 4)
@@ -313,18 +331,9 @@ class _Writer:
                 raise ExportError(f"{node.name}: ONNX export supports flatten(x, 1) only")
             name, rank = b.op("Flatten", [name], axis=1), 2
         elif node.op == "slice":
-            starts = [s[0] or 0 for s in a["slices"]]
-            ends = [INT64_MAX if s[1] is None else s[1] for s in a["slices"]]
-            steps = [s[2] for s in a["slices"]]
-            axes = list(range(len(a["slices"])))
-            bounds = [b.const(np.array(v, dtype=np.int64)) for v in (starts, ends, axes, steps)]
-            name = b.op("Slice", [name, *bounds])
+            name = b.op("Slice", [name, *(b.const(v) for v in slice_inputs(a["slices"]))])
         else:
-            pairs = [a["pad"][i : i + 2] for i in range(0, len(a["pad"]), 2)]  # last dim first
-            begin, end = [0] * rank, [0] * rank
-            for k, (lo, hi) in enumerate(pairs):
-                begin[rank - 1 - k], end[rank - 1 - k] = lo, hi
-            name = b.op("Pad", [name, b.const(np.array(begin + end, dtype=np.int64))])
+            name = b.op("Pad", [name, b.const(pad_amounts(a["pad"], rank))])
         return x._replace(name=name, rank=rank)
 
 

@@ -46,18 +46,20 @@ def packed_nbytes(count: int, num_levels: int) -> int:
     return -(-count // k) if kind == "radix" else (count * k + 7) // 8
 
 
-def grid_bits(low: int, high: int, spacing: int) -> int:
+def grid_levels(low: int, high: int, spacing: int) -> int:
+    """The number of levels of the grid ``low, low + spacing, ..., high`` (checked packable)."""
     if spacing < 1 or high < low or (high - low) % spacing:
         raise PackingError(f"no grid from {low} to {high} with spacing {spacing}")
-    bits = bits_for_levels((high - low) // spacing + 1)
+    num_levels = (high - low) // spacing + 1
+    bits = bits_for_levels(num_levels)
     if bits > 8:
         raise PackingError(f"grids of up to 256 levels are packable, this one needs {bits} bits")
-    return bits
+    return num_levels
 
 
 def pack_codes(codes: torch.Tensor, low: int, high: int, spacing: int) -> torch.Tensor:
     """Integer codes on the grid ``low, low + spacing, ..., high`` -> packed uint8 (1-D)."""
-    bits = grid_bits(low, high, spacing)
+    num_levels = grid_levels(low, high, spacing)
     flat = codes.detach().reshape(-1).to(torch.int64).cpu()
     index = flat - low
     if flat.numel() and ((index % spacing != 0).any() or index.min() < 0 or flat.max() > high):
@@ -66,7 +68,6 @@ def pack_codes(codes: torch.Tensor, low: int, high: int, spacing: int) -> torch.
             "is this a quantized layer's weight_codes?"
         )
     levels = (index // spacing).numpy().astype(np.int64)
-    num_levels = (high - low) // spacing + 1
     kind, k = layout(num_levels)
     if kind == "radix":  # groups of k codes, code i of a group in base-L digit i
         groups = np.zeros(-(-levels.size // k) * k, dtype=np.int64)
@@ -74,7 +75,7 @@ def pack_codes(codes: torch.Tensor, low: int, high: int, spacing: int) -> torch.
         digits = num_levels ** np.arange(k, dtype=np.int64)
         return torch.from_numpy((groups.reshape(-1, k) @ digits).astype(np.uint8))
     # one row of `bits` binary digits per code (least significant first), then 8 digits per byte
-    digits = (levels.astype(np.uint8)[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    digits = (levels.astype(np.uint8)[:, None] >> np.arange(k, dtype=np.uint8)) & 1
     packed = np.packbits(digits.reshape(-1), bitorder="little")
     return torch.from_numpy(packed)
 
@@ -83,9 +84,8 @@ def unpack_codes(
     packed: torch.Tensor, shape: tuple[int, ...], low: int, high: int, spacing: int
 ) -> torch.Tensor:
     """Inverse of :func:`pack_codes`; returns int8 codes (int16 beyond the int8 range)."""
-    bits = grid_bits(low, high, spacing)
+    num_levels = grid_levels(low, high, spacing)
     count = int(np.prod(shape, dtype=np.int64))
-    num_levels = (high - low) // spacing + 1
     expected = packed_nbytes(count, num_levels)
     buffer = packed.detach().reshape(-1).cpu()
     if buffer.dtype != torch.uint8 or buffer.numel() != expected:
@@ -104,9 +104,9 @@ def unpack_codes(
         digits = num_levels ** np.arange(k, dtype=np.int64)
         levels = ((groups[:, None] // digits[None, :]) % num_levels).reshape(-1)[:count]
     else:
-        bits_raw = np.unpackbits(buffer.numpy(), bitorder="little", count=count * bits)
-        weights = (1 << np.arange(bits, dtype=np.int64))[None, :]
-        levels = (bits_raw.reshape(count, bits).astype(np.int64) * weights).sum(1)
+        bits_raw = np.unpackbits(buffer.numpy(), bitorder="little", count=count * k)
+        weights = (1 << np.arange(k, dtype=np.int64))[None, :]
+        levels = (bits_raw.reshape(count, k).astype(np.int64) * weights).sum(1)
     codes = low + spacing * levels
     if count and codes.max() > high:
         raise PackingError(f"packed codes exceed the grid's top level {high}: the file is damaged")

@@ -29,7 +29,7 @@ from ..fileio import atomic_write
 from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
 from .graph import ExportError, Node
-from .onnx_export import GraphBuilder
+from .onnx_export import GraphBuilder, conv_pads, pad_amounts, slice_inputs
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 OPSET = 13  # what qonnx's executor and FINN's front end read
@@ -66,16 +66,11 @@ class _Writer:
     def f32(self, array, hint="c") -> str:
         return self.b.const(np.asarray(array, dtype=np.float32), hint)
 
-    def quant(self, x: str, scale, bits: int, signed: bool = True) -> str:
-        b = self.b
+    def quant(self, x: str, scale, bits: int) -> str:
+        """Signed narrow-range Quant (every tsquant grid is symmetric about zero)."""
         inputs = [x, self.f32(scale, "scale"), self.f32(0.0, "zeropt"), self.f32(bits, "bits")]
-        return b.op(
-            "Quant",
-            inputs,
-            domain=QONNX_DOMAIN,
-            signed=int(signed),
-            narrow=1,
-            rounding_mode="ROUND",
+        return self.b.op(
+            "Quant", inputs, domain=QONNX_DOMAIN, signed=1, narrow=1, rounding_mode="ROUND"
         )
 
     # --- one method per op: (node, input values) -> output value --------------------------
@@ -95,12 +90,8 @@ class _Writer:
         b, a = self.b, node.attrs
         x, bias = args[0][0], node.tensor(self.t, "bias")
         quantized = node.op in ("qconv", "qlinear")
-        if quantized:
-            codes = node.tensor(self.t, "codes").double()
-            alpha = node.tensor(self.t, "alpha").double()
-            weight = codes * alpha.reshape(-1, *([1] * (codes.dim() - 1)))
-        else:
-            weight = node.tensor(self.t, "weight").double()
+        weight = node.float_weight(self.t)
+        alpha = node.tensor(self.t, "alpha").double() if quantized else None
         if node.op in ("conv", "qconv"):
             w = self.f32(weight.numpy(), "w")
             if quantized:
@@ -110,7 +101,7 @@ class _Writer:
                 "Conv",
                 inputs,
                 strides=a["stride"],
-                pads=[*a["padding"], *a["padding"]],
+                pads=conv_pads(a),
                 dilations=a["dilation"],
                 group=a.get("groups", 1),
             )
@@ -156,7 +147,7 @@ class _Writer:
             [args[0][0]],
             kernel_shape=a["kernel"],
             strides=a["stride"],
-            pads=[*a["padding"], *a["padding"]],
+            pads=conv_pads(a),
             dilations=a["dilation"],
             ceil_mode=int(a["ceil_mode"]),
         )
@@ -169,7 +160,7 @@ class _Writer:
             [args[0][0]],
             kernel_shape=a["kernel"],
             strides=a["stride"],
-            pads=[*a["padding"], *a["padding"]],
+            pads=conv_pads(a),
             count_include_pad=int(a["count_include_pad"]),
         )
         return y, 4
@@ -183,19 +174,12 @@ class _Writer:
         return self.b.op("Flatten", [args[0][0]], axis=1), 2
 
     def slice(self, node: Node, args):
-        b, slices = self.b, node.attrs["slices"]
-        starts = [s[0] or 0 for s in slices]
-        ends = [np.iinfo(np.int64).max if s[1] is None else s[1] for s in slices]
-        bounds = [starts, ends, list(range(len(slices))), [s[2] for s in slices]]
-        consts = [b.const(np.array(v, dtype=np.int64)) for v in bounds]
-        return b.op("Slice", [args[0][0], *consts]), args[0][1]
+        consts = [self.b.const(v) for v in slice_inputs(node.attrs["slices"])]
+        return self.b.op("Slice", [args[0][0], *consts]), args[0][1]
 
     def pad(self, node: Node, args):
-        (x, rank), pad = args[0], node.attrs["pad"]
-        begin, end = [0] * rank, [0] * rank
-        for k in range(len(pad) // 2):  # torch's pad lists the last dim first
-            begin[rank - 1 - k], end[rank - 1 - k] = pad[2 * k], pad[2 * k + 1]
-        return self.b.op("Pad", [x, self.b.const(np.array(begin + end, dtype=np.int64))]), rank
+        (x, rank), b = args[0], self.b
+        return b.op("Pad", [x, b.const(pad_amounts(node.attrs["pad"], rank))]), rank
 
 
 _EMIT = {

@@ -112,9 +112,7 @@ class IntegerRuntime:
         bias = self._double(node, "bias")
         bias = torch.zeros_like(alpha) if bias is None else bias
         if not isinstance(x, Codes):  # e.g. a quantized first layer on the FP image
-            codes = self._double(node, "codes")
-            weight = codes * alpha.reshape(-1, *([1] * (codes.dim() - 1)))
-            return self._float_layer(node, to_float(x), weight, bias)
+            return self._float_layer(node, to_float(x), node.float_weight(self.t), bias)
         w = self._weights[node.name]
         if node.op == "qlinear":
             acc = x.codes.to(torch.int32) @ w

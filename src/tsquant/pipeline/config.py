@@ -333,17 +333,13 @@ def validate(config, prefix: str = "") -> None:
     checks = {
         "bits": lambda v: isinstance(v, int) and 1 <= v <= 8,
         "eps": lambda v: math.isfinite(v) and v >= 0,
-        "lam": lambda v: math.isfinite(v) and v > 0,
         "epochs": lambda v: v >= 0,
-        "iters": lambda v: v >= 0,
         "lr": lambda v: math.isfinite(v) and v > 0,
         "batch_size": lambda v: v >= 1,
         "calib_images": lambda v: v >= 1,
         "verify_images": lambda v: v >= 0,
         "card_images": lambda v: v >= 1,
         "positions_per_image": lambda v: v >= 1,
-        "cache_mb": lambda v: v >= 0,
-        "mmap_threshold_mb": lambda v: v >= 0,
         "device": _device_ok,
         "distill": lambda v: math.isfinite(v) and 0 <= v <= 1,
         "distill_temperature": lambda v: math.isfinite(v) and v > 0,
@@ -367,7 +363,6 @@ def validate(config, prefix: str = "") -> None:
     hints = {
         "bits": "use 1..8",
         "eps": "use eps >= 0, e.g. 0.32",
-        "lam": "use lam > 0, e.g. 3.0",
         "distill": "use a weight in [0, 1] (0: labels only, 1: FP logits only)",
         "distill_temperature": "use a temperature > 0, e.g. 4",
         "eval_batch_size": "use a batch size >= 1",
@@ -470,7 +465,7 @@ def _validate_run(cfg: RunConfig) -> None:
             "transform.tsq.weight_bits: the weight format is transform.weight_bits (and "
             "transform.layer_formats per layer): set it there"
         )
-    for method in ("tsq", "adaround"):  # options of a method that does not run
+    for method in method_sections(t):  # options of a method that does not run
         section = getattr(t, method)
         changed = [f.name for f in fields(section) if getattr(section, f.name) != f.default]
         if t.method != method and changed:
@@ -515,6 +510,11 @@ def _validate_run(cfg: RunConfig) -> None:
                     "choose an out_dir you can write to"
                 ) from None
             break
+
+
+def method_sections(section: TransformStageConfig) -> list[str]:
+    """The transform section's per-method option sections (tsq, adaround)."""
+    return [f.name for f in fields(section) if is_dataclass(getattr(section, f.name))]
 
 
 def transform_config_of(cfg: RunConfig, **overrides) -> TransformConfig:

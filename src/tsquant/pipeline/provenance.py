@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from ..training import describe_change
-from .config import RunConfig
+from .config import RunConfig, method_sections
 
 __all__ = ["UPSTREAM", "describe_change", "stage_config"]
 
@@ -65,7 +65,7 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
     for section in ("codes", "finetune"):  # the temperature matters only when distilling
         if not record.get(f"{section}.distill"):
             record.pop(f"{section}.distill_temperature", None)
-    for method in ("tsq", "adaround"):  # only the chosen method's options
+    for method in method_sections(cfg.transform):  # only the chosen method's options
         if record.get("transform.method") != method:
             record = {k: v for k, v in record.items() if not k.startswith(f"transform.{method}.")}
     return record

@@ -409,6 +409,16 @@ def alpha_step(gram_matrix, b, weights_t, alpha, products: torch.Tensor | None =
     return torch.where(ok, new_alpha.abs().clamp_min(1e-12), alpha)
 
 
+def _alpha_w_alpha(gram_matrix, b, weights_t, alpha, grid, cfg, products):
+    """The alpha step, the coordinate-descent w step, the alpha step again (TSQ-METHOD.md,
+    "Step 2", items 1-2), ``products`` = A W' kept current. Returns (alpha, weights changed)."""
+    alpha = alpha_step(gram_matrix, b, weights_t, alpha, products)
+    changes = coordinate_descent_wstep(
+        gram_matrix, b, weights_t, alpha, grid, cfg.cd_sweeps, products=products
+    )
+    return alpha_step(gram_matrix, b, weights_t, alpha, products), changes
+
+
 def _ridge_solve(gram_matrix, rhs, relative_ridge: float):
     """Least-squares weights (A + r I)^-1 rhs with r relative to the mean diagonal of A."""
     ridge = relative_ridge * gram_matrix.diagonal().mean().clamp_min(1e-12)
@@ -607,11 +617,7 @@ def solve_layer(
     products = problem.gram @ weights_t  # A W', kept current by the w and alpha steps
     for it in range(1, cfg.iters + 1):
         b = zp["b"]  # X'(z - bias - offset) at the z of the previous alternation
-        alpha = alpha_step(problem.gram, b, weights_t, alpha, products)
-        changes = coordinate_descent_wstep(
-            problem.gram, b, weights_t, alpha, grid, cfg.cd_sweeps, products=products
-        )
-        alpha = alpha_step(problem.gram, b, weights_t, alpha, products)
+        alpha, changes = _alpha_w_alpha(problem.gram, b, weights_t, alpha, grid, cfg, products)
         s = problem.projections(weights_t.T)  # overwrites the previous projections
         if cfg.learn_bias:  # mean over rows of z - offset - alpha s
             scaled = sum(
@@ -647,7 +653,7 @@ def solve_layer(
             continue
         if still >= 2:
             break  # w has not moved for two alternations: the iterate is (close to) a fixed point
-        if not repairing and cfg.patience and cfg.variant == "tsquant":
+        if not repairing and cfg.patience:  # the paper variant runs with patience 0
             if best.total() - reference > _PATIENCE_TOLERANCE * abs(reference):
                 stalled, reference = 0, best.total()
             else:
@@ -800,11 +806,7 @@ def solve_linear_layer(
     products = gram_fit @ weights_t  # kept current by the w and alpha steps
     for it in range(1, cfg.iters + 1):
         b = cross_residual() if toward is None else cross_residual() + toward
-        alpha = alpha_step(gram_fit, b, weights_t, alpha, products)
-        changes = coordinate_descent_wstep(
-            gram_fit, b, weights_t, alpha, grid, cfg.cd_sweeps, products=products
-        )
-        alpha = alpha_step(gram_fit, b, weights_t, alpha, products)
+        alpha, changes = _alpha_w_alpha(gram_fit, b, weights_t, alpha, grid, cfg, products)
         # closed-form bias: mean residual, from the column sums of X
         bias = mean - alpha * (stats.column_sum @ weights_t) / m
         history.append({"iter": it, "relative_error": relative_error(), "changes": changes})
