@@ -75,6 +75,11 @@ def conv_pads(a: dict) -> list[int]:
     return [p[0], p[1], p[0], p[1]]
 
 
+def conv_attrs(a: dict) -> dict:
+    """ONNX strides, pads and dilations of a conv or max-pool node."""
+    return {"strides": a["stride"], "pads": conv_pads(a), "dilations": a["dilation"]}
+
+
 def slice_inputs(slices: list) -> list[np.ndarray]:
     """ONNX Slice's starts, ends, axes, steps of a slice node's [start, stop, step] per dim."""
     starts = [s[0] or 0 for s in slices]
@@ -181,9 +186,7 @@ class _Writer:
             y = b.op(
                 "Conv",
                 [xf, weight],
-                strides=a["stride"],
-                pads=conv_pads(a),
-                dilations=a["dilation"],
+                **conv_attrs(a),
             )
             rank = 4
         else:
@@ -209,9 +212,7 @@ class _Writer:
                 acc = b.op(
                     "Conv",
                     [args[0].name, b.const(w, "wcodes")],
-                    strides=a["stride"],
-                    pads=conv_pads(a),
-                    dilations=a["dilation"],
+                    **conv_attrs(a),
                 )
                 return _Value("facc", acc, 4, scale)
             acc = b.op("MatMul", [args[0].name, b.const(w.T.copy(), "wcodes")])
@@ -223,9 +224,7 @@ class _Writer:
             acc = b.op(
                 "ConvInteger",
                 inputs,
-                strides=a["stride"],
-                pads=conv_pads(a),
-                dilations=a["dilation"],
+                **conv_attrs(a),
             )
             rank = 4
         else:
@@ -243,9 +242,7 @@ class _Writer:
             y = b.op(
                 "Conv",
                 inputs,
-                strides=a["stride"],
-                pads=conv_pads(a),
-                dilations=a["dilation"],
+                **conv_attrs(a),
                 group=a.get("groups", 1),
             )
             return _Value("float", b.cast(y, T.DOUBLE), 4)
@@ -297,9 +294,7 @@ class _Writer:
             "MaxPool",
             [x.name if codes else self.double(x)],
             kernel_shape=a["kernel"],
-            strides=a["stride"],
-            pads=conv_pads(a),
-            dilations=a["dilation"],
+            **conv_attrs(a),
             ceil_mode=int(a["ceil_mode"]),
         )
         return x._replace(name=y) if codes else _Value("float", y, x.rank)

@@ -29,7 +29,7 @@ from ..fileio import atomic_write
 from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
 from .graph import ExportError, Node
-from .onnx_export import GraphBuilder, conv_pads, pad_amounts, slice_inputs
+from .onnx_export import GraphBuilder, conv_attrs, conv_pads, pad_amounts, slice_inputs
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 OPSET = 13  # what qonnx's executor and FINN's front end read
@@ -100,9 +100,7 @@ class _Writer:
             y = b.op(
                 "Conv",
                 inputs,
-                strides=a["stride"],
-                pads=conv_pads(a),
-                dilations=a["dilation"],
+                **conv_attrs(a),
                 group=a.get("groups", 1),
             )
             return y, 4
@@ -146,9 +144,7 @@ class _Writer:
             "MaxPool",
             [args[0][0]],
             kernel_shape=a["kernel"],
-            strides=a["stride"],
-            pads=conv_pads(a),
-            dilations=a["dilation"],
+            **conv_attrs(a),
             ceil_mode=int(a["ceil_mode"]),
         )
         return y, 4
