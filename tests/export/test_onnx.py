@@ -12,15 +12,20 @@ pytest.importorskip("onnxruntime")
 
 
 def test_onnx_model_matches_the_runtime_exactly(exported_resnet, tmp_path):
-    """Ternary layers on 2-bit codes run as float32 Conv on integer-valued codes (exact: every
-    sum < 2^24), so the logits equal the integer runtime's."""
+    """Ternary layers on 2-bit codes run as QLinearConv (int8) or float32 Conv on
+    integer-valued codes (exact: every sum < 2^24), their quantizers (after a residual add
+    too) as rounded lines checked on every input where a code can change, so the logits equal
+    the integer runtime's."""
     import onnx
 
     exported = load_export(exported_resnet[1])
     path = to_onnx(exported, tmp_path / "model.onnx")
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     quantized = [n for n in exported.graph if n.op == "qconv"]
-    assert "ConvInteger" not in ops and ops.count("Conv") == len(quantized) + 1  # + FP first
+    convs = ops.count("Conv") + ops.count("QLinearConv")
+    assert "ConvInteger" not in ops and convs == len(quantized) + 1  # + FP first
+    # every quantizer but the FP stem's is fused into its conv or residual add
+    assert ops.count("Greater") == 3 and ops.count("Floor") + ops.count("Min") == 17
     x = torch.randn(5, *SHAPES["resnet20"])
     expected = IntegerRuntime(exported).run(x)
     got = onnx_session(path).run(None, {"input": x.numpy()})[0]
@@ -56,4 +61,38 @@ def test_sums_beyond_float32_integers_use_the_integer_ops(tmp_path):
     test = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     got = onnx_session(path).run(None, {"input": test.numpy()})[0]
     expected = IntegerRuntime(exported).run(test)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("eps, requantized", [(0.32, True), (0.0, False)])
+def test_quantizers_fused_into_their_layers_match_the_runtime_exactly(tmp_path, eps, requantized):
+    """Each quantizer after a quantized layer runs with that layer instead of as a comparison
+    per threshold: at the paper's eps = 0.32 (the first gap within an integer of a step) as
+    QLinearConv's requantization on uint8 codes; at eps = 0 (HWGQ's wider first gap) as a bent
+    line after a float32 Conv (LeakyRelu, Mul, Add, Floor, Clip). A channel with a negative
+    scale runs on negated weights. Logits equal the integer runtime's on inputs that land on
+    every code."""
+    import onnx
+
+    from tsquant.quantizers.activation import SparseQuantizer
+
+    model = random_tsq_model("small_cnn", seed=3)
+    for module in model.modules():
+        if isinstance(module, SparseQuantizer):
+            module.qparams[1] = eps
+    with torch.no_grad():
+        model.conv3.conv.alpha[:3] *= -1
+        model.conv3.conv.weight[:3] *= -1
+    exported = export_model(model, tmp_path, list(SHAPES["small_cnn"]))
+    path = to_onnx(load_export(tmp_path), tmp_path / "model.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Greater" in ops  # the FP first layer's quantizer: float64 comparisons
+    if requantized:
+        assert ops.count("QLinearConv") == 2 and "Floor" not in ops
+    else:
+        assert ops.count("Floor") == 2 and ops.count("LeakyRelu") == 2
+    x = torch.randn(64, *SHAPES["small_cnn"], generator=torch.Generator().manual_seed(1))
+    expected, codes = IntegerRuntime(exported).run(x, keep=True)
+    assert all(len(c.unique()) == 4 for c in codes.values())
+    got = onnx_session(path).run(None, {"input": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-9)

@@ -24,6 +24,15 @@ from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
 from .graph import ExportError, Node
 from .runtime import integer_thresholds
+from .staircase import (
+    FLOAT32_EXACT,
+    accumulator_samples,
+    dyadic,
+    fit_line,
+    fit_requantized,
+    fraction_bits,
+    residual_samples,
+)
 
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
@@ -98,14 +107,17 @@ def pad_amounts(pad: list, rank: int) -> np.ndarray:
 
 class _Value(NamedTuple):
     """An ONNX value and how to read it: kind "codes" (integer-valued float32, extra = step),
+    "codes8" (uint8 codes, extra = step), "line" (a fused quantizer's codes before their last,
+    monotone rounding op, see ``rounded``),
     "acc" (int32) or "facc" (integer-valued float32; both extra = (scale, offset) per channel),
-    "icodes" (signed input codes, float64) or "float" (float64)."""
+    "icodes" (signed input codes, float64; extra = scale) or "float" (float64)."""
 
     kind: str
     name: str
     rank: int
     extra: object = None
-    top: int = 0  # codes: the largest code (2^bits - 1)
+    top: int = 0  # codes, icodes: the largest code magnitude
+    finish: tuple = ()  # line: (kind of its codes, [(op, extra inputs)] that round it)
 
 
 class _Writer:
@@ -116,13 +128,20 @@ class _Writer:
         self.T = self.b.T
         self.t = exported.tensors
         self.input_rank = len(exported.input_shape) + 1
+        self.consumers = {node.name: [] for node in exported.graph}
+        for node in exported.graph:
+            for name in node.inputs:
+                self.consumers[name].append(node)
+        self.fused: set[str] = set()  # quantizers emitted with their layer
+        self.rounded_names: dict[str, str] = {}  # "line" value -> its codes
+        self.conv_without_bias: dict[str, object] = {}  # facc value -> its Conv node
 
     def double(self, v: _Value) -> str:
         b = self.b
         if v.kind == "float":
             return v.name
         x = v.name if v.kind == "icodes" else b.cast(v.name, self.T.DOUBLE)
-        if v.kind in ("codes", "icodes"):
+        if v.kind in ("codes", "codes8", "icodes"):
             return b.op("Mul", [x, b.const(np.float64(v.extra))])
         scale, offset = (e.numpy().reshape(_channel_shape(v.rank)) for e in v.extra)
         return b.op("Add", [b.op("Mul", [x, b.const(scale, "scale")]), b.const(offset, "offset")])
@@ -164,73 +183,180 @@ class _Writer:
         codes = b.op(
             "Clip", [b.op("Round", [scaled]), b.const(np.float64(-top)), b.const(np.float64(top))]
         )
-        return _Value("icodes", codes, args[0].rank, a["scale"])
-
-    def _signed_qlayer(self, node: Node, args) -> _Value:
-        """Signed (input) codes times weight codes in float32, exact while every sum stays
-        below 2^24 (checked), then int32: the integer product ConvInteger would give."""
-        b, a, T, x = self.b, node.attrs, self.T, args[0]
-        codes = node.tensor(self.t, "codes")
-        alpha = node.tensor(self.t, "alpha").double()
-        bias = node.tensor(self.t, "bias")
-        bias = torch.zeros_like(alpha) if bias is None else bias.double()
-        bound = codes[0].numel() * int(codes.abs().max()) * (2**7 - 1)
-        if bound >= 2**24:
-            raise ExportError(
-                f"{node.name}: {codes[0].numel()} signed 8-bit products could exceed float32's "
-                "exact integers: keep this layer fp"
-            )
-        xf = b.cast(x.name, T.FLOAT)
-        if node.op == "qconv":
-            weight = b.const(codes.float().numpy(), "wcodes")
-            y = b.op(
-                "Conv",
-                [xf, weight],
-                **conv_attrs(a),
-            )
-            rank = 4
-        else:
-            y = b.op("MatMul", [xf, b.const(codes.float().numpy().T.copy(), "wcodes")])
-            rank = 2
-        return _Value("acc", b.cast(y, T.INT32), rank, (alpha * x.extra, bias))
+        return _Value("icodes", codes, args[0].rank, a["scale"], int(top))
 
     def qlayer(self, node: Node, args) -> _Value:
-        if args[0].kind == "icodes":
-            return self._signed_qlayer(node, args)
-        if args[0].kind != "codes":  # e.g. a quantized first layer on the FP image
+        """Codes times weight codes, exact. While every sum stays below 2^24 (inputs * largest
+        input code * largest weight code): fused with a quantizer that is the layer's only
+        consumer where its thresholds allow (``fused_quantizer``), else float32 Conv/MatMul on
+        integer-valued codes (exact there); larger sums on ConvInteger/MatMulInteger (uint8
+        codes, int8 weights, int32 sums)."""
+        x = args[0]
+        if x.kind not in (
+            "codes",
+            "codes8",
+            "icodes",
+        ):  # e.g. a quantized first layer on the FP image
             return self.layer(node, args)
-        b, a, T = self.b, node.attrs, self.T
+        b, T = self.b, self.T
         weight_codes = node.tensor(self.t, "codes")
         alpha = node.tensor(self.t, "alpha").double()
         bias = node.tensor(self.t, "bias")
         bias = torch.zeros_like(alpha) if bias is None else bias.double()
-        scale = (alpha * args[0].extra, bias)
-        largest = weight_codes[0].numel() * args[0].top * int(weight_codes.abs().max())
-        if largest < 2**24:  # every sum an exact float32 integer: the fast float ops
-            w = weight_codes.float().numpy()
-            if node.op == "qconv":
-                acc = b.op(
-                    "Conv",
-                    [args[0].name, b.const(w, "wcodes")],
-                    **conv_attrs(a),
-                )
-                return _Value("facc", acc, 4, scale)
-            acc = b.op("MatMul", [args[0].name, b.const(w.T.copy(), "wcodes")])
-            return _Value("facc", acc, 2, scale)
-        codes = weight_codes.to(torch.int8).numpy()
-        x = b.cast(args[0].name, T.UINT8)
-        if node.op == "qconv":
-            inputs = [x, b.const(codes, "wcodes")]
-            acc = b.op(
-                "ConvInteger",
-                inputs,
-                **conv_attrs(a),
+        scale = (alpha * x.extra, bias)
+        rank = 4 if node.op == "qconv" else 2
+        bound = weight_codes[0].numel() * x.top * int(weight_codes.abs().max())
+        if bound < FLOAT32_EXACT:
+            consumers = self.consumers[node.name]
+            if len(consumers) == 1 and consumers[0].op == "quantize":
+                fused = self.fused_quantizer(node, x, scale, bound, consumers[0])
+                if fused is not None:
+                    return fused
+            acc = self.product(node, self.float_codes(x), weight_codes.float().numpy())
+            if node.op == "qconv" and len(self.consumers[node.name]) == 1:
+                self.conv_without_bias[acc] = self.b.nodes[-1]  # a fused residual sets it
+            return _Value("facc", acc, rank, scale, bound)
+        if x.kind == "icodes":
+            raise ExportError(
+                f"{node.name}: {weight_codes[0].numel()} signed 8-bit products could exceed "
+                "float32's exact integers: keep this layer fp"
             )
-            rank = 4
+        weight = weight_codes.to(torch.int8).numpy()
+        x8 = x.name if x.kind == "codes8" else b.cast(x.name, T.UINT8)
+        if node.op == "qconv":
+            acc = b.op("ConvInteger", [x8, b.const(weight, "wcodes")], **conv_attrs(node.attrs))
         else:
-            acc = b.op("MatMulInteger", [x, b.const(codes.T.copy(), "wcodes")])
-            rank = 2
+            acc = b.op("MatMulInteger", [x8, b.const(weight.T.copy(), "wcodes")])
         return _Value("acc", acc, rank, scale)
+
+    def float_codes(self, x: _Value) -> str:
+        return x.name if x.kind == "codes" else self.b.cast(x.name, self.T.FLOAT)
+
+    def product(self, node: Node, codes: str, weight: np.ndarray, shift=None) -> str:
+        """float32 Conv (``shift`` as its bias) or MatMul (then + shift) of a layer's codes."""
+        b = self.b
+        if node.op == "qconv":
+            inputs = [codes, b.const(weight, "wcodes")]
+            if shift is not None:
+                inputs.append(b.const(shift, "shift"))
+            return b.op("Conv", inputs, **conv_attrs(node.attrs))
+        acc = b.op("MatMul", [codes, b.const(weight.T.copy(), "wcodes")])
+        return acc if shift is None else b.op("Add", [acc, b.const(shift, "shift")])
+
+    def fused_quantizer(
+        self, node: Node, x: _Value, scale, bound: int, quantizer: Node
+    ) -> _Value | None:
+        """The layer and its quantizer in one: a conv on uint8 codes whose per-channel integer
+        thresholds fit a uniform grid runs as QLinearConv, its requantization rounding to the
+        codes (``staircase.fit_requantized``; several times faster than a float32 Conv on
+        onnxruntime's int8 kernels); other layers as float32 Conv(+shift) -> (Leaky)Relu -> Mul
+        [-> Add] -> Floor -> Clip where every channel fits a ``staircase`` line (the
+        (Leaky)Relu also keeps runtimes from folding the Mul into the weights, which would
+        round). Channels with a negative scale run on negated weights. None, with nothing
+        emitted, when neither fits."""
+        b, T, a = self.b, self.T, quantizer.attrs
+        edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
+        sign, limits = integer_thresholds(scale[0], scale[1], edges)
+        samples, levels = accumulator_samples(limits.numpy(), bound), 2 ** a["bits"] - 1
+        spacing = (a["step"] / scale[0].abs()).numpy()  # inf where the scale is 0: unused
+        weight = node.tensor(self.t, "codes").numpy().astype(np.int64)
+        weight = weight * sign.numpy().reshape([-1] + [1] * (weight.ndim - 1))
+        rank = 4 if node.op == "qconv" else 2
+        requant = None
+        if node.op == "qconv" and x.kind != "icodes":
+            requant = fit_requantized(samples, int(np.abs(weight).max()), spacing)
+        if requant is None:
+            first_gap = float(edges[1] - edges[0]) / a["step"] if len(edges) > 1 else 1.0
+            line = fit_line(samples, first_gap, spacing)
+            if line is None:
+                return None
+            acc = self.product(node, self.float_codes(x), weight.astype(np.float32), line.shift)
+            return self.line_ops(acc, line, rank, quantizer)
+        inputs = [
+            x.name if x.kind == "codes8" else b.cast(x.name, T.UINT8),
+            b.const(np.float32(1)),  # x scale, zero point
+            b.const(np.uint8(0)),
+            b.const((weight * requant.factor).astype(np.int8), "wcodes"),
+            b.const(requant.scale, "requant"),
+            b.const(np.zeros(weight.shape[0], np.int8)),
+            b.const(np.float32(1)),  # y scale, zero point
+            b.const(np.uint8(0)),
+            b.const(requant.bias, "shift"),
+        ]
+        y = b.op("QLinearConv", inputs, **conv_attrs(node.attrs))
+        finish = [] if levels == 255 else [("Min", [b.const(np.uint8(levels), "levels")])]
+        self.fused.add(quantizer.name)
+        return _Value("line", y, rank, a["step"], levels, ("codes8", finish))
+
+    def line_ops(self, shifted: str, line, rank: int, quantizer: Node) -> _Value:
+        """(Leaky)Relu -> Mul [-> Add] of a staircase line on its shifted input; the Floor and
+        Clip that make it codes come with ``rounded``."""
+        b, a = self.b, quantizer.attrs
+        if line.leak:
+            bent = b.op("LeakyRelu", [shifted], alpha=line.leak)
+        else:
+            bent = b.op("Relu", [shifted])
+        y = b.op("Mul", [bent, b.const(line.slope.reshape(_channel_shape(rank)), "slope")])
+        if line.offset:
+            y = b.op("Add", [y, b.const(np.float32(line.offset), "offset")])
+        levels = 2 ** a["bits"] - 1
+        top = b.const(np.float32(levels), "levels")
+        finish = ("codes", [("Floor", []), ("Clip", [b.const(np.float32(0)), top])])
+        self.fused.add(quantizer.name)
+        return _Value("line", y, rank, a["step"], levels, finish)
+
+    def fused_residual(self, node: Node, args) -> _Value | None:
+        """A residual add of a quantized conv (float32 Conv on codes) and shortcut codes whose
+        only consumer is a quantizer, as one float32 staircase line in u = acc + ratio * z
+        (ratio ~ shortcut step / conv scale, dyadic, so u is exact in float32): the line's
+        shift becomes the conv's bias, then Mul, Add and the line's ops, instead of float64
+        arithmetic and a comparison per threshold. Every (accumulator, shortcut code) pair
+        where the code can change is checked against the integer runtime's float64 codes
+        (``staircase.residual_samples``); None, nothing emitted, when the line does not fit
+        or a channel's scale is not positive."""
+        consumers = self.consumers[node.name]
+        accs = [v for v in args if v.kind == "facc" and v.name in self.conv_without_bias]
+        shortcuts = [v for v in args if v.kind in ("codes", "codes8")]
+        if len(consumers) != 1 or consumers[0].op != "quantize" or not (accs and shortcuts):
+            return None
+        acc, shortcut, quantizer = accs[0], shortcuts[0], consumers[0]
+        scale, offset = (e.numpy() for e in acc.extra)
+        if (scale <= 0).any():
+            return None
+        a = quantizer.attrs
+        edges = quantizer_thresholds(a["step"], a["eps"], a["bits"]).numpy()
+        ratio = shortcut.extra / scale
+        bits = fraction_bits(2 * (acc.top + float(ratio.max()) * shortcut.top))
+        if bits < 0:
+            return None
+        ratio = dyadic(ratio, bits)
+        samples = residual_samples(
+            scale, offset, shortcut.extra, shortcut.top, edges, acc.top, ratio
+        )
+        first_gap = float(edges[1] - edges[0]) / a["step"] if len(edges) > 1 else 1.0
+        line = fit_line(samples, first_gap, a["step"] / scale)
+        if line is None:
+            return None
+        b = self.b
+        self.conv_without_bias.pop(acc.name).input.append(b.const(line.shift, "shift"))
+        weighted = b.op(
+            "Mul",
+            [self.float_codes(shortcut), b.const(ratio.reshape(_channel_shape(acc.rank)), "ratio")],
+        )
+        return self.line_ops(b.op("Add", [acc.name, weighted]), line, acc.rank, quantizer)
+
+    def rounded(self, v: _Value) -> _Value:
+        """The codes of a "line" value: its last rounding ops, emitted once per value (after
+        any max pooling, which commutes with them: they are monotone)."""
+        if v.kind != "line":
+            return v
+        kind, ops = v.finish
+        if v.name not in self.rounded_names:
+            name = v.name
+            for op, extra in ops:
+                name = self.b.op(op, [name, *extra])
+            self.rounded_names[v.name] = name
+        return v._replace(kind=kind, name=self.rounded_names[v.name], finish=())
 
     def layer(self, node: Node, args) -> _Value:
         b, a, T = self.b, node.attrs, self.T
@@ -261,6 +387,8 @@ class _Writer:
 
     def quantize(self, node: Node, args) -> _Value:
         b, a, x = self.b, node.attrs, args[0]
+        if node.name in self.fused:
+            return x
         edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
         if x.kind in ("acc", "facc"):
             sign, limits = integer_thresholds(x.extra[0], x.extra[1], edges)
@@ -284,12 +412,15 @@ class _Writer:
         return _Value("float", self.b.op("Relu", [self.double(args[0])]), args[0].rank)
 
     def add(self, node: Node, args) -> _Value:
+        fused = self.fused_residual(node, args)
+        if fused is not None:
+            return fused
         y = self.b.op("Add", [self.double(args[0]), self.double(args[1])])
         return _Value("float", y, args[0].rank)
 
     def maxpool(self, node: Node, args) -> _Value:
         a, x = node.attrs, args[0]
-        codes = x.kind in ("codes", "icodes")  # max commutes with code -> value (step > 0)
+        codes = x.kind in ("codes", "codes8", "icodes", "line")  # max commutes with code -> value
         y = self.b.op(
             "MaxPool",
             [x.name if codes else self.double(x)],
@@ -353,6 +484,11 @@ _EMIT = {
 }
 
 
+# ops that take a fused quantizer's line before its rounding: the quantizer itself, and max
+# pooling (max commutes with the monotone Floor and Clip, which then run on the pooled map)
+ROUNDED_LATER = ("quantize", "maxpool")
+
+
 def to_onnx(exported: ExportedModel, path: Path) -> Path:
     """Write the ONNX model (input ``input`` float32 NCHW, output ``logits`` float64)."""
     onnx = _onnx()
@@ -363,7 +499,10 @@ def to_onnx(exported: ExportedModel, path: Path) -> Path:
         emit = _EMIT.get(node.op)
         if emit is None:
             raise ExportError(f"op {node.op} of node {node.name} has no ONNX encoding")
-        values[node.name] = out = emit(writer, node, [values[i] for i in node.inputs])
+        args = [values[i] for i in node.inputs]
+        if node.op not in ROUNDED_LATER:
+            args = [writer.rounded(v) for v in args]
+        values[node.name] = out = emit(writer, node, args)
     b.nodes.append(b.h.make_node("Identity", [out.name], ["logits"]))
     graph = b.h.make_graph(
         b.nodes,

@@ -1,0 +1,254 @@
+"""Quantizer thresholds as a rounded line, for fast and still exact ONNX graphs.
+
+A quantizer after an integer layer maps each accumulator v to the count of its channel's
+thresholds below v. Counting needs a comparison per threshold (three for 2-bit codes, each a
+pass over the activation map). The same staircase is
+
+    code(v) = clip(floor(leaky_relu(v + shift, leak) * slope + offset), 0, levels)
+
+with a float32 shift (the layer's bias) and slope per channel: a few cheap passes, whatever the
+number of thresholds, or, for a uniform line, the requantization of an int8 convolution
+(:func:`fit_requantized`, onnxruntime's QLinearConv). The sparse quantizer's edges are eps, then
+(k + 1/2) * step: uniform but for the first gap, (1.5 step - eps) instead of step. Where the
+jump points of every channel fit a uniform line, leak = 0 and offset = 0 (the Relu also clips
+below); otherwise the line bends once between levels 1 and 2 (at level ``offset``, with
+``leak`` chosen so that the first gap is ``first_gap`` steps), which fits the real edges of
+every channel and so almost always their jump points.
+
+Fits work on samples: every input value that can reach the quantizer where its code can change
+(integer accumulators; for a residual block, accumulator + shortcut code pairs), with the
+code the integer runtime gives each. A line is kept only if it reproduces every sample in the
+float32 arithmetic the graph runs; beyond the samples the codes are constant and the line is
+monotone, so that checks every reachable input. When no line fits, the graph keeps the
+comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+FLOAT32_EXACT = 2**24  # float32 holds every integer below this
+
+
+class Staircase(NamedTuple):
+    shift: np.ndarray  # float32 (C,), dyadic: v + shift is exact in float32
+    slope: np.ndarray  # float32 (C,) > 0
+    leak: float  # leaky_relu's slope below 0; 0: a Relu
+    offset: float  # added after the slope; 0: none
+
+
+class Samples(NamedTuple):
+    """Inputs where a quantizer's code can change, per channel, and their true codes."""
+
+    values: np.ndarray  # (C, N) float64, exact in float32 (integers, or dyadic sums)
+    codes: np.ndarray  # (C, N) float32 true codes
+    levels: int  # the largest code
+    bound: float  # the largest |value| the layer can reach
+
+
+def _windows(samples: Samples) -> tuple[np.ndarray, np.ndarray]:
+    """Where the line's k-th crossing x_k may lie: (lo, hi] per channel and level k + 1, between
+    the largest sample with a code <= k and the smallest with a code > k (floor(line) reaches
+    k + 1 exactly at the inputs >= x_k). Open where no sample is on that side."""
+    channels = samples.values.shape[0]
+    lo = np.empty((channels, samples.levels))
+    hi = np.empty((channels, samples.levels))
+    for k in range(samples.levels):
+        lo[:, k] = np.max(np.where(samples.codes <= k, samples.values, -np.inf), 1)
+        hi[:, k] = np.min(np.where(samples.codes > k, samples.values, np.inf), 1)
+    return lo, hi
+
+
+def _widest_grid(
+    lo: np.ndarray, hi: np.ndarray, positions: np.ndarray, spacing: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spacing q > 0 and base x of the crossings x_k = x + positions[k] * q that fit every
+    window with most room, and that room (<= 0: none fits). The room min_k(hi_k - p_k q) -
+    max_k(lo_k - p_k q) is concave and piecewise linear in q, so its maximum is at a q where two
+    window bounds meet; the candidates pair every two windows up to 4-bit codes (beyond: the
+    first and last three), plus the real edges' ``spacing`` (with many thresholds per integer,
+    8-bit codes, only a q very close to it fits) and a q wider than every window (the room can
+    grow without end when all crossings but one lie beyond the reachable inputs)."""
+    channels, count = lo.shape
+    ends = range(count) if count <= 15 else [0, 1, 2, count - 3, count - 2, count - 1]
+    wide = np.full(channels, 4.0 * (np.abs(np.where(np.isfinite(lo), lo, 0)).max() + 1))
+    candidates = [np.ones(channels), wide] + ([] if spacing is None else [spacing])
+    with np.errstate(invalid="ignore"):  # inf - inf: an unusable candidate
+        for i in ends:
+            for j in ends:
+                if i != j:
+                    for first in (lo, hi):
+                        for second in (lo, hi):
+                            gap = positions[j] - positions[i]
+                            candidates.append((second[:, j] - first[:, i]) / gap)
+        q = np.stack(candidates, 1)  # (C, M)
+        usable = np.isfinite(q) & (q > 0)
+        q = np.where(usable, q, 1.0)
+        low = np.full(q.shape, -np.inf)
+        high = np.full(q.shape, np.inf)
+        for k in range(count):
+            low = np.maximum(low, lo[:, k : k + 1] - positions[k] * q)
+            high = np.minimum(high, hi[:, k : k + 1] - positions[k] * q)
+    both = np.isfinite(low) & np.isfinite(high)
+    room = np.where(usable, np.where(both, high - low, np.inf), -np.inf)  # one side open: any
+    best = np.argmax(room, 1)
+    rows = np.arange(channels)
+    q, low, high, room = q[rows, best], low[rows, best], high[rows, best], room[rows, best]
+    base = np.where(
+        both[rows, best], (low + high) / 2, np.where(np.isfinite(low), low + 0.5, high - 0.5)
+    )
+    return q, base, room
+
+
+def fraction_bits(largest: float) -> int:
+    """The most fraction bits f for which every multiple of 2^-f up to ``largest`` in size,
+    and every sum of them that stays that small, is exact in float32 (negative: none)."""
+    return 24 - math.ceil(math.log2(largest + 1))
+
+
+def dyadic(values: np.ndarray, bits: int) -> np.ndarray:
+    """values rounded to multiples of 2^-bits, as float32."""
+    return (np.round(values * 2.0**bits) / 2.0**bits).astype(np.float32)
+
+
+def _line(samples: Samples, first_gap: float | None, spacing) -> Staircase | None:
+    """A uniform line (first_gap None) or one bent to make the first gap first_gap steps."""
+    positions = np.arange(samples.levels, dtype=np.float64)  # crossings in steps from the base
+    if first_gap is not None:
+        if samples.levels < 2 or first_gap <= 0:
+            return None
+        positions = positions - 1
+        positions[0] = -first_gap
+    lo, hi = _windows(samples)
+    q, base, room = _widest_grid(lo, hi, positions, spacing)
+    if (room <= 0).any():
+        return None
+    if first_gap is None:  # relu(v + shift) * slope crosses 1 at the base
+        shift, leak, offset = q - base, 0.0, 0.0
+    else:  # bent at a level between 1 and 2, (2 - bend) steps before the base (level 2)
+        bend = 1.5 if first_gap >= 1 else 2 - first_gap / 2
+        shift = (2 - bend) * q - base
+        leak = (bend - 1) / (first_gap - (2 - bend))
+        offset = bend
+    bits = fraction_bits(samples.bound + float(np.abs(shift).max()))
+    if bits < 0:
+        return None
+    slope = (1 / q).astype(np.float32)
+    line = Staircase(dyadic(shift, bits), slope, float(np.float32(leak)), offset)
+    ok = (staircase_codes(line, samples.values, samples.levels) == samples.codes).all()
+    return line if ok else None
+
+
+def fit_line(samples: Samples, first_gap: float = 1.0, spacing=None) -> Staircase | None:
+    """A float32 line whose rounding gives every sample's code: uniform where every channel
+    fits, else bent to the quantizer's first gap (in steps: (1.5 step - eps) / step for the
+    sparse quantizer), else None. ``spacing`` (C,), when known: the real distance between
+    consecutive edges in input units."""
+    line = _line(samples, None, spacing)
+    if line is None and first_gap != 1.0:
+        line = _line(samples, first_gap, spacing)
+    return line
+
+
+def staircase_codes(line: Staircase, values: np.ndarray, levels: int) -> np.ndarray:
+    """The graph's arithmetic in float32: values (C, N), exact in float32 -> codes."""
+    shifted = values.astype(np.float32) + line.shift[:, None]
+    bent = np.where(shifted >= 0, shifted, shifted * np.float32(line.leak))
+    scaled = bent * line.slope[:, None]
+    if line.offset:
+        scaled = scaled + np.float32(line.offset)
+    return np.clip(np.floor(scaled), np.float32(0), np.float32(levels))
+
+
+def accumulator_samples(limits: np.ndarray, bound: int) -> Samples:
+    """The integer accumulators of |v| <= bound where ``#{k: v > limits[c, k]}`` can change,
+    one below the first jump to one above the last. ``limits`` (C, K) ascending along K."""
+    limits = np.asarray(limits, dtype=np.float64)
+    start = np.clip(limits[:, 0] - 1, -bound, bound)
+    stop = np.clip(limits[:, -1] + 2, -bound, bound)
+    values = np.minimum(start[:, None] + np.arange(int((stop - start).max()) + 1), bound)
+    codes = np.zeros(values.shape, dtype=np.float32)
+    for k in range(limits.shape[1]):
+        codes += values > limits[:, k : k + 1]
+    return Samples(values, codes, limits.shape[1], bound)
+
+
+def residual_samples(
+    scale: np.ndarray,
+    offset: np.ndarray,
+    shortcut_step: float,
+    shortcut_top: int,
+    edges: np.ndarray,
+    bound: int,
+    ratio: np.ndarray,
+) -> Samples:
+    """A quantizer after a residual add, scale * acc + offset + shortcut_step * z, as a
+    function of u = acc + ratio * z (ratio: float32, dyadic), sampled at every accumulator
+    acc (|acc| <= bound) and shortcut code z (0..shortcut_top) where its code can change;
+    the codes in the integer runtime's float64 arithmetic. Needs scale > 0."""
+    real = (edges[None, :] - offset[:, None]) / scale[:, None]  # (C, K) acc at each edge, z = 0
+    reach = shortcut_step * shortcut_top / scale
+    start = np.clip(np.floor(real[:, 0] - reach) - 2, -bound, bound)
+    stop = np.clip(np.ceil(real[:, -1]) + 2, -bound, bound)
+    acc = np.minimum(start[:, None] + np.arange(int((stop - start).max()) + 1), bound)
+    z = np.arange(shortcut_top + 1, dtype=np.float64)
+    value = (acc * scale[:, None] + offset[:, None])[..., None] + z * shortcut_step
+    codes = np.zeros(value.shape, dtype=np.float32)
+    for edge in edges:
+        codes += value > edge
+    u = acc[..., None] + ratio.astype(np.float64)[:, None, None] * z
+    channels = scale.shape[0]
+    largest = bound + float(np.abs(ratio).max()) * shortcut_top
+    return Samples(u.reshape(channels, -1), codes.reshape(channels, -1), len(edges), largest)
+
+
+class Requantized(NamedTuple):
+    """A staircase in integer-conv terms (ONNX QLinearConv):
+    code = min(round_half_even((factor * v + bias) * scale), levels), v the accumulator."""
+
+    factor: int  # weights are multiplied by it: finer offsets through the integer bias
+    bias: np.ndarray  # int32 (C,)
+    scale: np.ndarray  # float32 (C,) > 0
+
+
+def fit_requantized(
+    samples: Samples, weight_max: int, spacing=None, margin: float = 1 / 64
+) -> Requantized | None:
+    """A uniform staircase of integer accumulators realised by an int8 layer's requantization,
+    or None.
+
+    Crossings lie at (j - 1/2) / scale - bias on the factor-scaled accumulator, so offsets
+    come in steps of 1 / factor (factor: the largest that keeps the weights int8 and
+    factor * v + bias exact in float32). Every accumulator stays at least ``margin`` from a
+    crossing, so the code is the same for any requantization accurate to ~1e-4 (float32 or
+    fixed point), not only the one checked here."""
+    bound = samples.bound
+    factor = min(127 // max(weight_max, 1), int(FLOAT32_EXACT // 2 // max(bound, 1)))
+    if factor < 1:
+        return None
+    lo, hi = _windows(samples)
+    positions = np.arange(samples.levels, dtype=np.float64)
+    q, base, room = _widest_grid(lo + margin, hi - margin, positions, spacing)
+    if (room <= 1 / factor).any():
+        return None
+    bias = np.round(factor * (q / 2 - base))  # level 1 crossing at q / 2 - bias / factor
+    if np.abs(bias).max() + factor * bound >= FLOAT32_EXACT:
+        return None
+    found = Requantized(factor, bias.astype(np.int32), (1 / (factor * q)).astype(np.float32))
+    codes, distance = requantized_codes(found, samples.values, samples.levels)
+    ok = (codes == samples.codes).all() and (distance >= margin * 0.99).all()
+    return found if ok else None
+
+
+def requantized_codes(line: Requantized, values: np.ndarray, levels: int) -> tuple:
+    """(codes, distance of each pre-rounding value from the nearest rounding boundary that
+    matters, in accumulator units), in the float32 arithmetic of onnxruntime's
+    requantization."""
+    shifted = line.factor * values.astype(np.int64) + line.bias[:, None].astype(np.int64)
+    scaled = shifted.astype(np.float32) * line.scale[:, None]
+    codes = np.clip(np.rint(scaled), 0, levels)
+    boundary = np.clip(np.round(scaled - 0.5), 0, levels - 1) + 0.5
+    return codes, np.abs(scaled - boundary) / (line.factor * line.scale[:, None])
