@@ -254,7 +254,7 @@ _RUN = {  # op -> IntegerRuntime method; check_graph has refused any other op
 
 def multiplications(exported: ExportedModel) -> dict[str, int]:
     """Per-sample multiply-accumulates of each weight layer, from the graph's shapes."""
-    shapes = _output_shapes(exported)
+    shapes = output_shapes(exported)
     out = {}
     for node in exported.graph:
         if node.op in ("conv", "qconv", "linear", "qlinear"):
@@ -264,7 +264,8 @@ def multiplications(exported: ExportedModel) -> dict[str, int]:
     return out
 
 
-def _output_shapes(exported: ExportedModel) -> dict[str, list[int]]:
+def output_shapes(exported: ExportedModel) -> dict[str, list[int]]:
+    """Per-sample output shape of every node of the graph (codes, accumulators or values)."""
     shapes: dict[str, list[int]] = {}
     IntegerRuntime(exported).run(torch.zeros(1, *exported.input_shape), shapes=shapes)
     return shapes

@@ -207,48 +207,138 @@ def residual_samples(
 
 class Requantized(NamedTuple):
     """A staircase in integer-conv terms (ONNX QLinearConv):
-    code = min(round_half_even((factor * v + bias) * scale), levels), v the accumulator."""
+    code = clip(round_half_even((factor * v + bias) * scale), 0, 255), v the accumulator."""
 
     factor: int  # weights are multiplied by it: finer offsets through the integer bias
     bias: np.ndarray  # int32 (C,)
     scale: np.ndarray  # float32 (C,) > 0
 
 
+class RequantizedLayer(NamedTuple):
+    """One requantized conv on a uniform grid, or two combined: ``main`` uniform from the
+    second crossing on and ``first`` a single step at the first crossing, joined by
+    ``combine``: "Max" when the first bin is wider than a step (eps < step / 2), "Mul" when
+    narrower (``first`` is 0 or 1). The codes are then min(., levels)."""
+
+    main: Requantized
+    first: Requantized | None = None
+    combine: str = ""
+
+
+def _factor(weight_max: int, largest: float) -> int:
+    """The largest weight multiplier that keeps int8 weights and every sum up to ``largest``
+    times it exact in float32 (0: none)."""
+    return min(127 // max(weight_max, 1), int(FLOAT32_EXACT // max(largest, 1)))
+
+
+def _requantized_grid(lo, hi, bound, weight_max, spacing, margin) -> Requantized | None:
+    """A uniform grid whose level-1 crossing q / 2 - bias / factor has an integer bias: among
+    spacings within one accumulator unit of the roomiest (257 of them), per channel the one
+    whose room for the base holds such a crossing with most to spare."""
+    factor = _factor(weight_max, 2 * bound)
+    if factor < 1:
+        return None
+    lo, hi = lo + margin, hi - margin
+    positions = np.arange(lo.shape[1], dtype=np.float64)
+    best, _, room = _widest_grid(lo, hi, positions, spacing)
+    if (room <= 0).any():
+        return None
+    q = np.maximum(best[:, None] + np.linspace(-1, 1, 257), 1e-6)  # (C, S)
+    low = np.full(q.shape, -np.inf)
+    high = np.full(q.shape, np.inf)
+    for k in range(lo.shape[1]):
+        low = np.maximum(low, lo[:, k : k + 1] - positions[k] * q)
+        high = np.minimum(high, hi[:, k : k + 1] - positions[k] * q)
+    # a side without windows: the base anywhere beyond the other; one unit is enough
+    low, high = (
+        np.where(np.isfinite(low), low, high - 1),
+        np.where(np.isfinite(high), high, low + 1),
+    )
+    # base = q / 2 - bias / factor in (low, high): bias in (factor (q/2 - high), factor (q/2 - low))
+    first, last = factor * (q / 2 - high), factor * (q / 2 - low)
+    bias = np.round((first + last) / 2)
+    spare = np.minimum(bias - first, last - bias)
+    pick = np.argmax(spare, 1)
+    rows = np.arange(q.shape[0])
+    q, bias, spare = q[rows, pick], bias[rows, pick], spare[rows, pick]
+    if (spare <= 0).any() or np.abs(bias).max() + factor * bound >= FLOAT32_EXACT:
+        return None
+    return Requantized(factor, bias.astype(np.int32), (1 / (factor * q)).astype(np.float32))
+
+
+def _requantized_step(lo, hi, bound, weight_max, margin) -> Requantized | None:
+    """One crossing at x in (lo + margin, hi - margin), whose rounded value stays below 1.5
+    up to the largest accumulator (so it is 0 or 1 without clipping): the bias puts the
+    crossing value 0.5 at two thirds of the way from x's value to the top, 1.25."""
+    factor = _factor(weight_max, 4 * bound + 4)
+    if factor < 1:
+        return None
+    low, high = lo + margin, hi - margin
+    x = np.where(
+        np.isfinite(low) & np.isfinite(high),
+        (low + high) / 2,
+        np.where(np.isfinite(low), low + 0.5, high - 0.5),
+    )
+    if (high - low <= 0).any():
+        return None
+    x = np.clip(x, -bound - 1, bound + 1)
+    reach = factor * (bound + 1 - x)  # > 0
+    bias = np.round(2 * reach / 3 - factor * x)
+    scale = (0.5 / (factor * x + bias)).astype(np.float32)
+    return Requantized(factor, bias.astype(np.int32), scale)
+
+
 def fit_requantized(
     samples: Samples, weight_max: int, spacing=None, margin: float = 1 / 64
-) -> Requantized | None:
-    """A uniform staircase of integer accumulators realised by an int8 layer's requantization,
-    or None.
+) -> RequantizedLayer | None:
+    """Integer accumulators' staircase realised by int8 layers' requantization, or None:
+    one uniform grid where every channel fits, else a uniform grid combined with a single
+    step at the first crossing (the sparse quantizer's eps).
 
     Crossings lie at (j - 1/2) / scale - bias on the factor-scaled accumulator, so offsets
     come in steps of 1 / factor (factor: the largest that keeps the weights int8 and
     factor * v + bias exact in float32). Every accumulator stays at least ``margin`` from a
     crossing, so the code is the same for any requantization accurate to ~1e-4 (float32 or
     fixed point), not only the one checked here."""
-    bound = samples.bound
-    factor = min(127 // max(weight_max, 1), int(FLOAT32_EXACT // 2 // max(bound, 1)))
-    if factor < 1:
-        return None
     lo, hi = _windows(samples)
-    positions = np.arange(samples.levels, dtype=np.float64)
-    q, base, room = _widest_grid(lo + margin, hi - margin, positions, spacing)
-    if (room <= 1 / factor).any():
-        return None
-    bias = np.round(factor * (q / 2 - base))  # level 1 crossing at q / 2 - bias / factor
-    if np.abs(bias).max() + factor * bound >= FLOAT32_EXACT:
-        return None
-    found = Requantized(factor, bias.astype(np.int32), (1 / (factor * q)).astype(np.float32))
-    codes, distance = requantized_codes(found, samples.values, samples.levels)
-    ok = (codes == samples.codes).all() and (distance >= margin * 0.99).all()
-    return found if ok else None
+    bound = samples.bound
+    candidates = [RequantizedLayer(_requantized_grid(lo, hi, bound, weight_max, spacing, margin))]
+    if samples.levels >= 2:
+        first = _requantized_step(lo[:, 0], hi[:, 0], bound, weight_max, margin)
+        wider, narrower = hi.copy(), lo.copy()
+        wider[:, 0], narrower[:, 0] = np.inf, -np.inf  # the step decides the first crossing
+        for combine, windows in (("Max", (lo, wider)), ("Mul", (narrower, hi))):
+            main = _requantized_grid(*windows, bound, weight_max, spacing, margin)
+            candidates.append(RequantizedLayer(main, first, combine))
+    for layer in candidates:
+        if layer.main is None or (layer.combine and layer.first is None):
+            continue
+        codes, distance = requantized_codes(layer, samples.values, samples.levels)
+        if (codes == samples.codes).all() and (distance >= margin * 0.99).all():
+            return layer
+    return None
 
 
-def requantized_codes(line: Requantized, values: np.ndarray, levels: int) -> tuple:
-    """(codes, distance of each pre-rounding value from the nearest rounding boundary that
-    matters, in accumulator units), in the float32 arithmetic of onnxruntime's
-    requantization."""
+def _rounded(line: Requantized, values: np.ndarray, levels: int) -> tuple:
+    """Codes, distance to the nearest rounding boundary that matters (accumulator units) and
+    that boundary (0.5, 1.5, ...)."""
     shifted = line.factor * values.astype(np.int64) + line.bias[:, None].astype(np.int64)
     scaled = shifted.astype(np.float32) * line.scale[:, None]
-    codes = np.clip(np.rint(scaled), 0, levels)
+    codes = np.clip(np.rint(scaled), 0, 255)
     boundary = np.clip(np.round(scaled - 0.5), 0, levels - 1) + 0.5
-    return codes, np.abs(scaled - boundary) / (line.factor * line.scale[:, None])
+    return codes, np.abs(scaled - boundary) / (line.factor * line.scale[:, None]), boundary
+
+
+def requantized_codes(layer: RequantizedLayer, values: np.ndarray, levels: int) -> tuple:
+    """(codes, distance of each accumulator from the nearest rounding boundary that can change
+    its code, in accumulator units), in the float32 arithmetic of onnxruntime's
+    requantization."""
+    codes, distance, boundary = _rounded(layer.main, values, levels)
+    if layer.first is not None:
+        step, step_distance, _ = _rounded(layer.first, values, 1)
+        if layer.combine == "Max":  # where the step is 1, main's first boundary is moot
+            codes, moot = np.maximum(codes, step), (step == 1) & (boundary == 0.5)
+        else:  # where the step is 0, main is moot
+            codes, moot = codes * step, step == 0
+        distance = np.minimum(np.where(moot, np.inf, distance), step_distance)
+    return np.minimum(codes, levels), distance
