@@ -1,13 +1,15 @@
 """Accuracy benchmark: TSQ against its baselines on one dataset/model, same harness and budget.
 
     python benchmarks/accuracy.py configs/fashion_mnist_small_cnn.yaml --seeds 0 1 2 \
-        --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,tsq_w2,brevitas_gptq \
-        [--ablations eps,mode,lam,iters,calib]
+        --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,qat_2x,tsq_w2,brevitas_gptq \
+        [--ablations eps,mode,lam,iters,calib,distill,keep_best]
 
 Every method is a `tsquant run` of the same config with a few overrides (printed as the row's
 command); a run whose configuration agrees with the main TSQ run up to a stage (same FP
 training, same step 1, ...) starts from a copy of those stage folders instead of recomputing. QAT (LSQ) trains from
-the same FP checkpoint for codes.epochs + finetune.epochs epochs at the step-1 learning rate.
+the same FP checkpoint for codes.epochs + finetune.epochs epochs at the step-1 learning rate
+(qat_2x: twice as many). With data.val_split, every row also carries its validation top-1
+(held-out training images), which is what settings are chosen on.
 Rows go to benchmarks/results.json (replacing rows with the same dataset, model, method, seed
 and ablation) and the tables to benchmarks/RESULTS.md.
 """
@@ -39,7 +41,8 @@ from tsquant.training import evaluate, train
 
 HERE = Path(__file__).resolve().parent
 BENCH_STAGES = ("train", "codes", "transform", "finetune", "eval")
-CORE = ["fp", "step1", "tsq", "tsq_ft", "hwgq_otwa", "hwgq_otwa_ft", "qat", "tsq_w2"]
+CORE = ["fp", "step1", "tsq", "tsq_ft", "hwgq_otwa", "hwgq_otwa_ft", "qat", "qat_2x", "tsq_w2"]
+QAT_BUDGET = {"qat": 1, "qat_2x": 2}  # times step 1 + fine-tune's epochs
 OPTIONAL = ["brevitas_gptq"]  # needs pip install 'tsquant[bench]'; ask for it with --rows
 
 # variant tag -> overrides of the main config
@@ -78,9 +81,13 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
     "start": [(v, {"transform.tsq.start": v}) for v in ("gptq", "otwa")],
     "iters": [(v, {"transform.tsq.iters": v}) for v in ("5", "20", "50")],
     "calib": [(v, {"transform.calib_images": v}) for v in ("250", "500", "1000", "2000", "4000")],
+    # beyond the paper: the FP model's logits as soft targets in step 1 and the fine-tune
+    "distill": [(v, {"codes.distill": v, "finetune.distill": v}) for v in ("0", "0.5", "0.9")],
+    "keep_best": [(v, {"transform.tsq.keep_best": v}) for v in ("error", "agreement")],
 }
 
 ABLATION_NO_FINETUNE = {"finetune.epochs": "0"}  # ablation rows read step 2 before fine-tune
+ABLATIONS_WITH_FINETUNE = {"distill"}  # ... except those acting in step 1 and the fine-tune
 
 
 class Bench:
@@ -207,6 +214,7 @@ def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: di
                         k: r[k]
                         for k in ("dataset", "model", "w_bits", "a_bits", "eps", "seed", "top1")
                     },
+                    "val_top1": r.get("val_top1"),
                     "method": wanted[r["method"]],
                     "eps": 0.0 if r["a_bits"] == "fp" else r["eps"],
                     "wall_s": round(stage_wall(ctx, *WALL_STAGES[r["method"]]), 1),
@@ -217,7 +225,9 @@ def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: di
     return out
 
 
-def baseline_row(bench: Bench, main: Context, method: str, seed, top1, wall_s, **extra) -> dict:
+def baseline_row(
+    bench: Bench, main: Context, method: str, seed, top1, val_top1, wall_s, **extra
+) -> dict:
     """A results row for a baseline run by this script (QAT, Brevitas) rather than `tsquant run`."""
     test = main.dataset("test")
     return {
@@ -229,6 +239,7 @@ def baseline_row(bench: Bench, main: Context, method: str, seed, top1, wall_s, *
         "eps": 0.0,
         "seed": seed,
         "top1": top1,
+        "val_top1": val_top1,
         "wall_s": round(wall_s, 1),
         "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows {method}"
         + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
@@ -236,25 +247,33 @@ def baseline_row(bench: Bench, main: Context, method: str, seed, top1, wall_s, *
     }
 
 
-def run_qat(bench: Bench, seed: int) -> dict:
+def validation_top1(model, ctx: Context, desc: str) -> float | None:
+    val = ctx.val_loader()
+    return None if val is None else evaluate(model, val, ctx.device, desc)
+
+
+def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
+    """LSQ from the FP checkpoint for step 1 + fine-tune's epochs (qat), or twice as many
+    (qat_2x), at the step-1 learning rate."""
     main = Context(bench.cfg(seed, "tsq", {}))
-    ctx = Context(bench.cfg(seed, "qat", {}))
-    out = ctx.stage_dir("qat")
+    ctx = Context(bench.cfg(seed, method, {}))
+    out = ctx.stage_dir(method)
     if (out / "meta.json").exists():
         return load_json(out / "meta.json")["row"]
     fp = main.load("train", main.fp_model())
     model = prepare_lsq(fp, main.cfg.transform.weight_bits, main.cfg.codes.bits)
     c, f = main.cfg.codes, main.cfg.finetune
-    budget = replace(c, epochs=c.epochs + f.epochs)
+    budget = replace(c, epochs=QAT_BUDGET[method] * (c.epochs + f.epochs))
     start = time.time()
     train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq")
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "lsq eval")
     row = baseline_row(
         bench,
         main,
-        "qat",
+        method,
         seed,
         top1,
+        validation_top1(model, ctx, "lsq val"),
         time.time() - start + stage_wall(main, "train"),
         qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint",
     )
@@ -282,6 +301,7 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
         "brevitas_gptq",
         seed,
         top1,
+        validation_top1(quant, main, "brevitas val"),
         wall,
         calib_images=main.cfg.transform.calib_images,
     )
@@ -407,20 +427,24 @@ def main() -> int:
             if methods:
                 ctx = bench.run(seed, tag, overrides)
                 keep(rows_from_eval(ctx, methods, bench.command(seed, overrides), {}))
-        if "qat" in wanted:
-            keep([run_qat(bench, seed)])
+        for method in QAT_BUDGET:
+            if method in wanted:
+                keep([run_qat(bench, seed, method)])
         if "brevitas_gptq" in wanted:
             keep([run_brevitas(bench, seed)])
     for name in [a for a in args.ablations.split(",") if a]:
         for value, overrides in ABLATIONS[name]:
             seed = args.seeds[0]
-            overrides = {**overrides, **ABLATION_NO_FINETUNE}
+            if name in ABLATIONS_WITH_FINETUNE:  # read step 1 and the fine-tuned model
+                reads = {m: f"ablation:{name}:{m}" for m in ("step1", "tsq_ft")}
+            else:
+                overrides = {**overrides, **ABLATION_NO_FINETUNE}
+                reads = {"tsq": f"ablation:{name}"}
             ctx = bench.run(seed, f"{name}{value}", overrides)
             extra = {"ablation_value": value, **step2_summary(ctx)}
             if name == "eps":
                 extra["zero_fraction"] = zero_fraction(ctx, "codes", ctx.step1_model)
-            method = f"ablation:{name}"
-            keep(rows_from_eval(ctx, {"tsq": method}, bench.command(seed, overrides), extra))
+            keep(rows_from_eval(ctx, reads, bench.command(seed, overrides), extra))
     print(f"wrote {results_json} and {results_md}")
     return 0
 

@@ -86,12 +86,16 @@ def plot_solver_curves(layers: list[dict], path: Path) -> None:
 
 def results_table(rows: list[dict]) -> str:
     fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
-    lines = ["| method | weights | activations | top-1 (%) | vs FP |", "|---|---|---|---|---|"]
+    with_val = any(r.get("val_top1") is not None for r in rows)
+    head = "| method | weights | activations | top-1 (%) | vs FP |"
+    lines = [head + (" validation top-1 (%) |" if with_val else ""), "|---|---|---|---|---|"]
+    lines[1] += "---|" if with_val else ""
     for r in rows:
         delta = f"{r['top1'] - fp:+.2f}" if fp is not None else ""
-        lines.append(
-            f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['top1']:.2f} | {delta} |"
-        )
+        line = f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['top1']:.2f} | {delta} |"
+        if with_val:
+            line += f" {r['val_top1']:.2f} |" if r.get("val_top1") is not None else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 

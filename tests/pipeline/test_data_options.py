@@ -91,3 +91,31 @@ def test_validation_split_is_stratified_disjoint_and_seed_independent(tmp_path, 
     assert np.array_equal(seen[0], seen[1])
     with pytest.raises(ValueError, match="lower data.val_split"):
         context(tmp_path, monkeypatch, **{**options, "val_split": 40}).dataset("train")
+
+
+def test_eval_scores_the_validation_split_too(tmp_path, monkeypatch, capsys):
+    """With data.val_split, `tsquant eval` reports each model's top-1 on the held-out training
+    images beside the test set's: settings are chosen on it, never on the test set."""
+    import json
+
+    from tsquant.cli import main
+
+    monkeypatch.setenv("TSQUANT_CACHE", str(tmp_path / "cache"))
+    root = gray_folder(tmp_path / "digits", per_class=20)
+    settings = {
+        "out_dir": tmp_path / "runs",
+        "name": "val",
+        "model.name": "small_cnn",
+        "data.dataset": "imagefolder",
+        "data.root": root,
+        "data.channels": 1,
+        "data.val_split": 10,
+        "data.batch_size": 10,
+        "train.epochs": 1,
+        "threads": 1,
+    }
+    args = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["train", *args]) == 0 and main(["eval", *args]) == 0
+    rows = json.loads((tmp_path / "runs" / "val" / "eval" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp"] and 0 <= rows[0]["val_top1"] <= 100
+    assert "validation top-1" in capsys.readouterr().out

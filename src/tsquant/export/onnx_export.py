@@ -105,6 +105,9 @@ def pad_amounts(pad: list, rank: int) -> np.ndarray:
     return np.array(begin + end, dtype=np.int64)
 
 
+CODES = ("codes", "codes8", "icodes")  # the kinds of _Value that hold integer codes
+
+
 class _Value(NamedTuple):
     """An ONNX value and how to read it: kind "codes" (integer-valued float32, extra = step),
     "codes8" (uint8 codes, extra = step), "line" (a fused quantizer's codes before their last,
@@ -116,7 +119,7 @@ class _Value(NamedTuple):
     name: str
     rank: int
     extra: object = None
-    top: int = 0  # codes, icodes: the largest code magnitude
+    top: int = 0  # codes, icodes: the largest code magnitude; facc: the largest |sum|
     finish: tuple = ()  # line: (kind of its codes, [(op, extra inputs)] that round it)
 
 
@@ -141,7 +144,7 @@ class _Writer:
         if v.kind == "float":
             return v.name
         x = v.name if v.kind == "icodes" else b.cast(v.name, self.T.DOUBLE)
-        if v.kind in ("codes", "codes8", "icodes"):
+        if v.kind in CODES:
             return b.op("Mul", [x, b.const(np.float64(v.extra))])
         scale, offset = (e.numpy().reshape(_channel_shape(v.rank)) for e in v.extra)
         return b.op("Add", [b.op("Mul", [x, b.const(scale, "scale")]), b.const(offset, "offset")])
@@ -192,13 +195,9 @@ class _Writer:
         integer-valued codes (exact there); larger sums on ConvInteger/MatMulInteger (uint8
         codes, int8 weights, int32 sums)."""
         x = args[0]
-        if x.kind not in (
-            "codes",
-            "codes8",
-            "icodes",
-        ):  # e.g. a quantized first layer on the FP image
+        if x.kind not in CODES:  # e.g. a quantized first layer on the FP image
             return self.layer(node, args)
-        b, T = self.b, self.T
+        b = self.b
         weight_codes = node.tensor(self.t, "codes")
         alpha = node.tensor(self.t, "alpha").double()
         bias = node.tensor(self.t, "bias")
@@ -254,7 +253,7 @@ class _Writer:
         (Leaky)Relu also keeps runtimes from folding the Mul into the weights, which would
         round). Channels with a negative scale run on negated weights. None, with nothing
         emitted, when neither fits."""
-        b, T, a = self.b, self.T, quantizer.attrs
+        b, a = self.b, quantizer.attrs
         edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
         sign, limits = integer_thresholds(scale[0], scale[1], edges)
         samples, levels = accumulator_samples(limits.numpy(), bound), 2 ** a["bits"] - 1
@@ -348,8 +347,8 @@ class _Writer:
         )
         first_gap = float(edges[1] - edges[0]) / a["step"] if len(edges) > 1 else 1.0
         line = fit_line(samples, first_gap, a["step"] / scale)
-        if line is None:
-            return None
+        if line is None or fraction_bits(samples.bound + float(np.abs(line.shift).max())) < bits:
+            return None  # acc + shift + ratio * z would not be exact in float32 in any order
         b = self.b
         self.conv_without_bias.pop(acc.name).input.append(b.const(line.shift, "shift"))
         weighted = b.op(
@@ -433,7 +432,7 @@ class _Writer:
 
     def maxpool(self, node: Node, args) -> _Value:
         a, x = node.attrs, args[0]
-        codes = x.kind in ("codes", "codes8", "icodes", "line")  # max commutes with code -> value
+        codes = x.kind in (*CODES, "line")  # max commutes with code -> value (step > 0)
         y = self.b.op(
             "MaxPool",
             [x.name if codes else self.double(x)],

@@ -471,7 +471,7 @@ def stage_finetune(ctx: Context) -> None:
 
 def stage_eval(ctx: Context) -> list[dict]:
     rows = []
-    test = ctx.test_loader()
+    test, val = ctx.test_loader(), ctx.val_loader()
     ds = ctx.dataset("test")
     candidates = [
         ("fp", "train", Context.fp_model),
@@ -489,12 +489,16 @@ def stage_eval(ctx: Context) -> list[dict]:
         made_with = load_json(ctx.stage_dir(stage) / "meta.json")["config"]  # not today's config
         start = time.time()
         model = build(ctx.as_recorded(stage))
-        top1 = evaluate(ctx.load(stage, model), test, ctx.device, f"eval {method}")
+        model = ctx.load(stage, model)
+        top1 = evaluate(model, test, ctx.device, f"eval {method}")
+        # the held-out training images (data.val_split): what settings are chosen on
+        val_top1 = None if val is None else evaluate(model, val, ctx.device, f"val {method}")
         rows.append(
             {
                 "method": method,
                 "stage": stage,
                 "top1": top1,
+                "val_top1": val_top1,
                 "test_images": len(ds),
                 "dataset": ds.title or ds.name,
                 "model": made_with["model"]["name"],
