@@ -107,3 +107,38 @@ def test_quantizers_fused_into_their_layers_match_the_runtime_exactly(
     assert all(len(c.unique()) >= 3 for c in codes.values())  # 4 but at eps 0.6
     got = onnx_session(path).run(None, {"input": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-9)
+
+
+def test_an_8_bit_quantizer_after_a_residual_add_runs_as_a_float64_line(
+    exported_resnet, tmp_path, monkeypatch
+):
+    """An 8-bit quantizer (the head input of int8 boundary layers) after a residual add can
+    have several thresholds per accumulator unit, too fine for a float32 line (here: float32
+    lines switched off); the line then runs in float64 after the conv, with no comparison per
+    threshold, and stays exact."""
+    import numpy as np
+    import onnx
+
+    import tsquant.export.onnx_export as onnx_export
+
+    float32_lines_off = onnx_export.fit_line
+
+    def fit_line(samples, first_gap=1.0, spacing=None, dtype=np.float32):
+        return (
+            None if dtype == np.float32 else float32_lines_off(samples, first_gap, spacing, dtype)
+        )
+
+    monkeypatch.setattr(onnx_export, "fit_line", fit_line)
+    exported = load_export(exported_resnet[1])
+    adds = {n.name for n in exported.graph if n.op == "add"}
+    last = [n for n in exported.graph if n.op == "quantize" and n.inputs[0] in adds][-1]
+    node = next(n for n in exported.nodes if n["name"] == last.name)
+    node["attrs"].update(bits=8, eps=0.0, step=0.01)
+    path = to_onnx(exported, tmp_path / "model.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "ReduceSum" not in ops and "Max" in ops  # float64's leaky relu: max(x, leak x)
+    x = torch.randn(16, *SHAPES["resnet20"], generator=torch.Generator().manual_seed(2))
+    expected, codes = IntegerRuntime(exported).run(x, keep=True)
+    assert len(codes[last.attrs["module"]].unique()) > 50
+    got = onnx_session(path).run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-9)

@@ -120,7 +120,7 @@ class _Value(NamedTuple):
     rank: int
     extra: object = None
     top: int = 0  # codes, icodes: the largest code magnitude; facc: the largest |sum|
-    finish: tuple = ()  # line: (kind of its codes, [(op, extra inputs)] that round it)
+    finish: tuple = ()  # line: (kind of its codes, [(op, extra inputs[, attrs])] rounding it)
 
 
 class _Writer:
@@ -301,31 +301,38 @@ class _Writer:
         return b.op("QLinearConv", inputs, **conv_attrs(node.attrs))
 
     def line_ops(self, shifted: str, line, rank: int, quantizer: Node) -> _Value:
-        """(Leaky)Relu -> Mul [-> Add] of a staircase line on its shifted input; the Floor and
-        Clip that make it codes come with ``rounded``."""
-        b, a = self.b, quantizer.attrs
-        if line.leak:
+        """(Leaky)Relu -> Mul [-> Add] of a staircase line on its shifted input, in the line's
+        float type (float64 has no LeakyRelu in onnxruntime: max or min of x and leak * x, the
+        same values); the Floor and Clip that make it codes come with ``rounded``."""
+        b, a, dtype = self.b, quantizer.attrs, line.dtype
+        if not line.leak:
+            bent = b.op("Relu", [shifted])
+        elif dtype == np.float32:
             bent = b.op("LeakyRelu", [shifted], alpha=line.leak)
         else:
-            bent = b.op("Relu", [shifted])
+            leaked = b.op("Mul", [shifted, b.const(dtype(line.leak), "leak")])
+            bent = b.op("Max" if line.leak < 1 else "Min", [shifted, leaked])
         y = b.op("Mul", [bent, b.const(line.slope.reshape(_channel_shape(rank)), "slope")])
         if line.offset:
-            y = b.op("Add", [y, b.const(np.float32(line.offset), "offset")])
+            y = b.op("Add", [y, b.const(dtype(line.offset), "offset")])
         levels = 2 ** a["bits"] - 1
-        top = b.const(np.float32(levels), "levels")
-        finish = ("codes", [("Floor", []), ("Clip", [b.const(np.float32(0)), top])])
+        top = b.const(dtype(levels), "levels")
+        finish = ("codes", [("Floor", []), ("Clip", [b.const(dtype(0)), top])])
+        if dtype != np.float32:
+            finish[1].append(("Cast", [], {"to": self.T.FLOAT}))
         self.fused.add(quantizer.name)
         return _Value("line", y, rank, a["step"], levels, finish)
 
     def fused_residual(self, node: Node, args) -> _Value | None:
         """A residual add of a quantized conv (float32 Conv on codes) and shortcut codes whose
-        only consumer is a quantizer, as one float32 staircase line in u = acc + ratio * z
-        (ratio ~ shortcut step / conv scale, dyadic, so u is exact in float32): the line's
-        shift becomes the conv's bias, then Mul, Add and the line's ops, instead of float64
-        arithmetic and a comparison per threshold. Every (accumulator, shortcut code) pair
-        where the code can change is checked against the integer runtime's float64 codes
-        (``staircase.residual_samples``); None, nothing emitted, when the line does not fit
-        or a channel's scale is not positive."""
+        only consumer is a quantizer, as one staircase line in u = acc + ratio * z (ratio =
+        shortcut step / conv scale) instead of float64 arithmetic and a comparison per
+        threshold: in float32 with a dyadic ratio (u exact) and the line's shift as the conv's
+        bias; where float32 is too coarse (e.g. an 8-bit quantizer), in float64 after the
+        conv. Every (accumulator, shortcut code) pair where the code can change is checked
+        against the integer runtime's float64 codes (``staircase.residual_samples``) in the
+        graph's arithmetic; None, nothing emitted, when no line fits or a channel's scale is
+        not positive."""
         consumers = self.consumers[node.name]
         accs = [v for v in args if v.kind == "facc" and v.name in self.conv_without_bias]
         shortcuts = [v for v in args if v.kind in ("codes", "codes8")]
@@ -335,27 +342,39 @@ class _Writer:
         scale, offset = (e.numpy() for e in acc.extra)
         if (scale <= 0).any():
             return None
-        a = quantizer.attrs
+        a, b, shape = quantizer.attrs, self.b, _channel_shape(acc.rank)
         edges = quantizer_thresholds(a["step"], a["eps"], a["bits"]).numpy()
-        ratio = shortcut.extra / scale
-        bits = fraction_bits(2 * (acc.top + float(ratio.max()) * shortcut.top))
-        if bits < 0:
-            return None
-        ratio = dyadic(ratio, bits)
-        samples = residual_samples(
-            scale, offset, shortcut.extra, shortcut.top, edges, acc.top, ratio
-        )
         first_gap = float(edges[1] - edges[0]) / a["step"] if len(edges) > 1 else 1.0
-        line = fit_line(samples, first_gap, a["step"] / scale)
-        if line is None or fraction_bits(samples.bound + float(np.abs(line.shift).max())) < bits:
-            return None  # acc + shift + ratio * z would not be exact in float32 in any order
-        b = self.b
-        self.conv_without_bias.pop(acc.name).input.append(b.const(line.shift, "shift"))
-        weighted = b.op(
-            "Mul",
-            [self.float_codes(shortcut), b.const(ratio.reshape(_channel_shape(acc.rank)), "ratio")],
-        )
-        return self.line_ops(b.op("Add", [acc.name, weighted]), line, acc.rank, quantizer)
+        exact_ratio = shortcut.extra / scale
+
+        def fit(ratio, dtype):
+            samples = residual_samples(
+                scale, offset, shortcut.extra, shortcut.top, edges, acc.top, ratio
+            )
+            return samples, fit_line(samples, first_gap, a["step"] / scale, dtype)
+
+        bits = fraction_bits(2 * (acc.top + float(exact_ratio.max()) * shortcut.top))
+        if bits >= 0:
+            ratio = dyadic(exact_ratio, bits)
+            samples, line = fit(ratio, np.float32)
+            shift_bits = (
+                None
+                if line is None
+                else fraction_bits(samples.bound + float(np.abs(line.shift).max()))
+            )
+            if line is not None and shift_bits >= bits:  # acc + shift + ratio z exact in any order
+                self.conv_without_bias.pop(acc.name).input.append(b.const(line.shift, "shift"))
+                codes = self.float_codes(shortcut)
+                weighted = b.op("Mul", [codes, b.const(ratio.reshape(shape), "ratio")])
+                return self.line_ops(b.op("Add", [acc.name, weighted]), line, acc.rank, quantizer)
+        _, line = fit(exact_ratio, np.float64)  # u = acc + ratio * z rounded as the graph does
+        if line is None:
+            return None
+        codes = b.cast(shortcut.name, self.T.DOUBLE)
+        weighted = b.op("Mul", [codes, b.const(exact_ratio.reshape(shape), "ratio")])
+        u = b.op("Add", [b.cast(acc.name, self.T.DOUBLE), weighted])
+        shifted = b.op("Add", [u, b.const(line.shift.reshape(shape), "shift")])
+        return self.line_ops(shifted, line, acc.rank, quantizer)
 
     def rounded(self, v: _Value) -> _Value:
         """The codes of a "line" value: its last rounding ops, emitted once per value (after
@@ -365,8 +384,8 @@ class _Writer:
         kind, ops = v.finish
         if v.name not in self.rounded_names:
             name = v.name
-            for op, extra in ops:
-                name = self.b.op(op, [name, *extra])
+            for op, extra, *attrs in ops:  # (op, extra inputs[, attributes])
+                name = self.b.op(op, [name, *extra], **(attrs[0] if attrs else {}))
             self.rounded_names[v.name] = name
         return v._replace(kind=kind, name=self.rounded_names[v.name], finish=())
 

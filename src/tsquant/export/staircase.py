@@ -8,8 +8,10 @@ pass over the activation map). The same staircase is
 
 with a float32 shift (the layer's bias) and slope per channel: a few cheap passes, whatever the
 number of thresholds, or, for a uniform line, the requantization of an int8 convolution
-(:func:`fit_requantized`, onnxruntime's QLinearConv). The sparse quantizer's edges are eps, then
-(k + 1/2) * step: uniform but for the first gap, (1.5 step - eps) instead of step. Where the
+(:func:`fit_requantized`, onnxruntime's QLinearConv; a second one supplies a first edge that
+is off the grid). The sparse quantizer's edges (TSQ-METHOD.md, "Step 1: sparse activation
+quantization") are eps, then (k + 1/2) * step: uniform but for the first gap, (1.5 step - eps)
+instead of step. Where the
 jump points of every channel fit a uniform line, leak = 0 and offset = 0 (the Relu also clips
 below); otherwise the line bends once between levels 1 and 2 (at level ``offset``, with
 ``leak`` chosen so that the first gap is ``first_gap`` steps), which fits the real edges of
@@ -34,10 +36,11 @@ FLOAT32_EXACT = 2**24  # float32 holds every integer below this
 
 
 class Staircase(NamedTuple):
-    shift: np.ndarray  # float32 (C,), dyadic: v + shift is exact in float32
-    slope: np.ndarray  # float32 (C,) > 0
+    shift: np.ndarray  # (C,); in float32 dyadic: v + shift is exact in float32
+    slope: np.ndarray  # (C,) > 0
     leak: float  # leaky_relu's slope below 0; 0: a Relu
     offset: float  # added after the slope; 0: none
+    dtype: type = np.float32  # the arithmetic: float32, or float64 (finer lines)
 
 
 class Samples(NamedTuple):
@@ -114,7 +117,7 @@ def dyadic(values: np.ndarray, bits: int) -> np.ndarray:
     return (np.round(values * 2.0**bits) / 2.0**bits).astype(np.float32)
 
 
-def _line(samples: Samples, first_gap: float | None, spacing) -> Staircase | None:
+def _line(samples: Samples, first_gap: float | None, spacing, dtype) -> Staircase | None:
     """A uniform line (first_gap None) or one bent to make the first gap first_gap steps."""
     positions = np.arange(samples.levels, dtype=np.float64)  # crossings in steps from the base
     if first_gap is not None:
@@ -133,34 +136,38 @@ def _line(samples: Samples, first_gap: float | None, spacing) -> Staircase | Non
         shift = (2 - bend) * q - base
         leak = (bend - 1) / (first_gap - (2 - bend))
         offset = bend
-    bits = fraction_bits(samples.bound + float(np.abs(shift).max()))
-    if bits < 0:
-        return None
-    slope = (1 / q).astype(np.float32)
-    line = Staircase(dyadic(shift, bits), slope, float(np.float32(leak)), offset)
+    if dtype == np.float32:  # the shift joins the conv's sums: exact in any order
+        bits = fraction_bits(samples.bound + float(np.abs(shift).max()))
+        if bits < 0:
+            return None
+        shift = dyadic(shift, bits)
+    line = Staircase(shift.astype(dtype), (1 / q).astype(dtype), float(dtype(leak)), offset, dtype)
     ok = (staircase_codes(line, samples.values, samples.levels) == samples.codes).all()
     return line if ok else None
 
 
-def fit_line(samples: Samples, first_gap: float = 1.0, spacing=None) -> Staircase | None:
-    """A float32 line whose rounding gives every sample's code: uniform where every channel
-    fits, else bent to the quantizer's first gap (in steps: (1.5 step - eps) / step for the
-    sparse quantizer), else None. ``spacing`` (C,), when known: the real distance between
+def fit_line(
+    samples: Samples, first_gap: float = 1.0, spacing=None, dtype=np.float32
+) -> Staircase | None:
+    """A line whose rounding in ``dtype`` gives every sample's code: uniform where every
+    channel fits, else bent to the quantizer's first gap (in steps: (1.5 step - eps) / step for
+    the sparse quantizer), else None. ``spacing`` (C,), when known: the real distance between
     consecutive edges in input units."""
-    line = _line(samples, None, spacing)
+    line = _line(samples, None, spacing, dtype)
     if line is None and first_gap != 1.0:
-        line = _line(samples, first_gap, spacing)
+        line = _line(samples, first_gap, spacing, dtype)
     return line
 
 
 def staircase_codes(line: Staircase, values: np.ndarray, levels: int) -> np.ndarray:
-    """The graph's arithmetic in float32: values (C, N), exact in float32 -> codes."""
-    shifted = values.astype(np.float32) + line.shift[:, None]
-    bent = np.where(shifted >= 0, shifted, shifted * np.float32(line.leak))
+    """The graph's arithmetic in line.dtype: values (C, N), exact in it -> codes."""
+    dtype = line.dtype
+    shifted = values.astype(dtype) + line.shift[:, None]
+    bent = np.where(shifted >= 0, shifted, shifted * dtype(line.leak))
     scaled = bent * line.slope[:, None]
     if line.offset:
-        scaled = scaled + np.float32(line.offset)
-    return np.clip(np.floor(scaled), np.float32(0), np.float32(levels))
+        scaled = scaled + dtype(line.offset)
+    return np.clip(np.floor(scaled), dtype(0), dtype(levels))
 
 
 def accumulator_samples(limits: np.ndarray, bound: int) -> Samples:
