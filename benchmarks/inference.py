@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rowfile import merge_rows
 
 from tsquant.cli import parse_overrides
 from tsquant.export import IntegerRuntime, load_export
@@ -176,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["runtime"] == "onnx_int":
             r["ideal_kernel"] = ideal
-    old = json.loads(ROWS.read_text())["rows"] if ROWS.exists() else []
-    keys = {(r["model"], r["dataset"], r["runtime"]) for r in rows}
-    kept = [r for r in old if (r["model"], r["dataset"], r["runtime"]) not in keys]
-    ROWS.write_text(json.dumps({"rows": kept + rows}, indent=1) + "\n")
+    merge_rows(ROWS, rows, ("model", "dataset", "runtime"))
     return 0
 
 

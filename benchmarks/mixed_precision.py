@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from rowfile import merge_rows
 
 from tsquant.cli import parse_overrides
 from tsquant.pipeline.config import load_config
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "layer_formats"}), flush=True)
-    old = json.loads(ROWS.read_text())["rows"] if ROWS.exists() else []
-    keys = {(r["dataset"], r["model"], r["setting"]) for r in rows}
-    kept = [r for r in old if (r["dataset"], r["model"], r["setting"]) not in keys]
-    ROWS.write_text(json.dumps({"rows": kept + rows}, indent=1) + "\n")
+    merge_rows(ROWS, rows, ("dataset", "model", "setting"))
     return 0
 
 
