@@ -1,14 +1,14 @@
-"""ONNX encoding of an exported TSQ model, with the integer arithmetic made explicit.
+"""ONNX encoding of an exported TSQ model, with the integer arithmetic made explicit and exact.
 
-Quantized layers multiply activation codes by weight codes and compare the accumulators with
-the same per-channel integer thresholds as the integer runtime. Where every sum of a layer stays
-below 2^24 (checked per layer: inputs * max code * max weight code), the codes travel as
-integer-valued float32 and the products run as float32 ``Conv`` / ``MatMul``, which are exact
-there and several times faster in onnxruntime than ``ConvInteger`` / ``MatMulInteger``; larger
-sums (an 8-bit head) use the integer ops on uint8 codes and int8 weights (int32 accumulators).
-Residual adds and full-precision ops run in float64 (``Conv`` in float32, as onnxruntime has no
-float64 Conv).
-Requires the optional ``onnx`` package; the checks use ``onnxruntime``.
+Quantized layers multiply activation codes by weight codes with integer sums: float32 Conv /
+MatMul on integer-valued codes where every sum stays below 2^24 (checked per layer), else
+ConvInteger / MatMulInteger. The quantizer after a layer (or after a residual add) is fused with
+it where its per-channel thresholds allow (``staircase``): as QLinearConv's requantization on
+uint8 codes (onnxruntime's int8 kernels), or as a rounded line after the float32 conv; each fit
+is checked at export on every accumulator where a code can change, and layers where nothing
+fits compare with one threshold per code. Residual adds and full-precision ops that are not
+fused run in float64 (Conv in float32, as onnxruntime has no float64 Conv), like the integer
+runtime. Requires the optional ``onnx`` package; the checks use ``onnxruntime``.
 """
 
 from __future__ import annotations
