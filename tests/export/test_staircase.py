@@ -8,6 +8,7 @@ from tsquant.export.staircase import (
     accumulator_samples,
     fit_line,
     fit_requantized,
+    float32_thresholds,
     requantized_codes,
     staircase_codes,
 )
@@ -115,3 +116,28 @@ def test_most_channels_of_a_2_bit_layer_fit_the_requantized_staircase():
         for c in range(2000)
     ]
     assert np.mean(fits) > 0.99
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3))
+def test_float32_thresholds_compare_exactly_like_the_float64_stages(seed, stages):
+    """y > Y_k in float32 gives the same answer as the float64 stages' f(y) > edge_k, at random
+    values and at every threshold's float32 neighbours (where a rounding would show)."""
+    rng = np.random.default_rng(seed)
+    channels = 6
+    chain = [(rng.uniform(0.05, 4, channels), rng.normal(0, 2, channels)) for _ in range(stages)]
+    edges = np.sort(rng.normal(0, 2, 3))
+    limits = float32_thresholds(chain, edges)
+    y = rng.normal(0, 5, (channels, 2000)).astype(np.float32)
+    finite = np.where(np.isfinite(limits), limits, 0)
+    near = [
+        finite,
+        np.nextafter(finite, np.float32(np.inf)),
+        np.nextafter(finite, np.float32(-np.inf)),
+    ]
+    y = np.concatenate([y, *near], 1)
+    value = y.astype(np.float64)
+    for scale, shift in chain:
+        value = value * scale[:, None] + shift[:, None]
+    for k, edge in enumerate(edges):
+        assert ((y > limits[:, k : k + 1]) == (value > edge)).all()

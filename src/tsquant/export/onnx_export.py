@@ -30,6 +30,7 @@ from .staircase import (
     dyadic,
     fit_line,
     fit_requantized,
+    float32_thresholds,
     fraction_bits,
     residual_samples,
 )
@@ -113,7 +114,8 @@ class _Value(NamedTuple):
     "codes8" (uint8 codes, extra = step), "line" (a fused quantizer's codes before their last,
     monotone rounding op, see ``rounded``),
     "acc" (int32) or "facc" (integer-valued float32; both extra = (scale, offset) per channel),
-    "icodes" (signed input codes, float64; extra = scale) or "float" (float64)."""
+    "icodes" (signed input codes, float64; extra = scale), "f32" (float32 values whose float64
+    meaning applies extra's per-channel (scale, shift) stages, in order) or "float" (float64)."""
 
     kind: str
     name: str
@@ -144,6 +146,12 @@ class _Writer:
         if v.kind == "float":
             return v.name
         x = v.name if v.kind == "icodes" else b.cast(v.name, self.T.DOUBLE)
+        if v.kind == "f32":
+            for scale, shift in v.extra:
+                shape = _channel_shape(v.rank)
+                x = b.op("Mul", [x, b.const(scale.reshape(shape), "scale")])
+                x = b.op("Add", [x, b.const(shift.reshape(shape), "shift")])
+            return x
         if v.kind in CODES:
             return b.op("Mul", [x, b.const(np.float64(v.extra))])
         scale, offset = (e.numpy().reshape(_channel_shape(v.rank)) for e in v.extra)
@@ -173,7 +181,7 @@ class _Writer:
     # --- one method per op: (node, input values) -> output value --------------------------
 
     def input(self, node: Node, args) -> _Value:
-        return _Value("float", self.b.cast("input", self.T.DOUBLE), self.input_rank)
+        return _Value("f32", "input", self.input_rank, ())
 
     def output(self, node: Node, args) -> _Value:
         return _Value("float", self.double(args[0]), args[0].rank)
@@ -393,7 +401,9 @@ class _Writer:
         b, a, T = self.b, node.attrs, self.T
         weight, bias = node.float_weight(self.t), node.tensor(self.t, "bias")
         if node.op in ("conv", "qconv"):  # onnxruntime has no float64 Conv
-            inputs = [b.cast(self.double(args[0]), T.FLOAT), b.const(weight.float().numpy(), "w")]
+            x = args[0]
+            x = x.name if x.kind == "f32" and not x.extra else b.cast(self.double(x), T.FLOAT)
+            inputs = [x, b.const(weight.float().numpy(), "w")]
             if bias is not None:
                 inputs.append(b.const(bias.float().numpy(), "b"))
             y = b.op(
@@ -402,7 +412,7 @@ class _Writer:
                 **conv_attrs(a),
                 group=a.get("groups", 1),
             )
-            return _Value("float", b.cast(y, T.DOUBLE), 4)
+            return _Value("f32", y, 4, ())
         w = b.const(weight.double().numpy().T.copy(), "w")
         y = b.op("MatMul", [self.double(args[0]), w])
         if bias is not None:
@@ -411,6 +421,9 @@ class _Writer:
 
     def affine(self, node: Node, args) -> _Value:
         b, rank = self.b, args[0].rank
+        if args[0].kind == "f32":  # applied where the value is read (see quantize, double)
+            stage = tuple(node.tensor(self.t, r).double().numpy() for r in ("scale", "shift"))
+            return args[0]._replace(extra=(*args[0].extra, stage))
         scale = node.tensor(self.t, "scale").double().numpy().reshape(_channel_shape(rank))
         shift = node.tensor(self.t, "shift").double().numpy().reshape(_channel_shape(rank))
         y = b.op("Add", [b.op("Mul", [self.double(args[0]), b.const(scale)]), b.const(shift)])
@@ -434,10 +447,26 @@ class _Writer:
             if (sign != 1).any():  # alpha * step > 0 in practice: no multiplication then
                 signed = b.op("Mul", [signed, b.const(sign)])
             codes = self.count_above(signed, np.ascontiguousarray(limits))
+        elif x.kind == "f32" and len(edges) <= 7 and all((s > 0).all() for s, _ in x.extra):
+            return self.float32_quantize(x, edges.numpy(), a)
         else:
             limits = edges.numpy().reshape([-1] + [1] * x.rank)
             codes = self.count_above(self.double(x), limits)
         return _Value("codes", codes, x.rank, a["step"], 2 ** a["bits"] - 1)
+
+    def float32_quantize(self, x: _Value, edges: np.ndarray, a: dict) -> _Value:
+        """A quantizer on a float32 value read through float64 stages (an FP conv and its BN):
+        one float32 comparison per edge against thresholds that give exactly the float64
+        comparisons' codes (``staircase.float32_thresholds``), counted in uint8."""
+        b, shape = self.b, _channel_shape(x.rank)
+        stages = x.extra or ((np.ones(1), np.zeros(1)),)
+        limits = float32_thresholds(list(stages), edges)
+        count = None
+        for k in range(len(edges)):
+            above = b.op("Greater", [x.name, b.const(limits[:, k].reshape(shape), "thr")])
+            above = b.cast(above, self.T.UINT8)
+            count = above if count is None else b.op("Add", [count, above])
+        return _Value("codes8", count, x.rank, a["step"], 2 ** a["bits"] - 1)
 
     def relu(self, node: Node, args) -> _Value:
         return _Value("float", self.b.op("Relu", [self.double(args[0])]), args[0].rank)
@@ -480,7 +509,7 @@ class _Writer:
     def reshape(self, node: Node, args) -> _Value:
         """flatten / slice / pad act on codes directly (zero code = zero value)."""
         b, a, x = self.b, node.attrs, args[0]
-        if x.kind in ("acc", "facc"):
+        if x.kind in ("acc", "facc") or (x.kind == "f32" and x.extra):  # stages are per channel
             x = _Value("float", self.double(x), x.rank)
         name, rank = x.name, x.rank
         if node.op == "flatten":

@@ -349,3 +349,37 @@ def requantized_codes(layer: RequantizedLayer, values: np.ndarray, levels: int) 
             codes, moot = codes * step, step == 0
         distance = np.minimum(np.where(moot, np.inf, distance), step_distance)
     return np.minimum(codes, levels), distance
+
+
+def float32_thresholds(stages: list[tuple[np.ndarray, np.ndarray]], edges: np.ndarray):
+    """Per channel, the largest float32 Y_k with f(Y_k) <= edges[k], where f takes a float32
+    value to float64 and applies each (scale, shift) stage as x * scale + shift (two roundings,
+    as two ONNX ops); then ``y > Y_k`` in float32 is exactly ``f(y) > edges[k]`` for every
+    float32 y, as f is monotone. Needs every scale > 0. Returns (C, K) float32 (-inf / +inf where
+    every / no finite y lies above the edge)."""
+    channels = stages[0][0].shape[0]
+
+    def f(y: np.ndarray) -> np.ndarray:
+        v = y.astype(np.float64)
+        for scale, shift in stages:
+            v = v * scale[:, None] + shift[:, None]
+        return v
+
+    target = np.broadcast_to(edges[None, :].astype(np.float64), (channels, len(edges)))
+    estimate = target.copy()
+    for scale, shift in reversed(stages):
+        estimate = (estimate - shift[:, None]) / scale[:, None]
+    top = np.finfo(np.float32).max
+    y = np.clip(estimate, -top, top).astype(np.float32)
+    for _ in range(64):  # the estimate is within a few float32 steps: walk to the last one
+        over = f(y) > target
+        y = np.where(over, np.nextafter(y, np.float32(-np.inf)), y)
+        up = np.nextafter(y, np.float32(np.inf))
+        step_up = ~over & np.isfinite(up) & (f(up) <= target)
+        y = np.where(step_up, up, y)
+        if not (over.any() or step_up.any()):
+            break
+    else:
+        raise RuntimeError("float32 thresholds did not settle")
+    y = np.where(f(y) > target, np.float32(-np.inf), y)  # every finite y is above the edge
+    return y.astype(np.float32)
