@@ -19,19 +19,18 @@ import json
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from rowfile import merge_rows
+from stage_runs import run_stage
 
 from tsquant.cli import parse_overrides
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context
 from tsquant.quantizers.weight import WeightGrid
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = Path(__file__).with_name("mixed_precision.json")
 
 
@@ -77,14 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         target.mkdir(parents=True)
         for stage in ("train", "codes"):
             shutil.copytree(source / stage, target / stage)
-        sets = [f"{k}={v}" for k, v in overrides.items() if k != "name"]
-        sets += [f"name={name}", f"threads={args.threads}", *extra]
-        call = [sys.executable, "-m", "tsquant", "transform", args.config]
-        call += [arg for s in sets for arg in ("--set", s)]
-        done = subprocess.run(call, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{shlex.join(call)} failed:\n{done.stderr[-2000:]}")
-        meta = json.loads((target / "transform" / "meta.json").read_text())
+        meta = run_stage(
+            "transform", args.config, overrides, target, f"threads={args.threads}", *extra
+        )
         row = {
             "dataset": ctx.dataset("test").title,
             "model": ctx.cfg.model.name,

@@ -19,17 +19,16 @@ import json
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from rowfile import merge_rows
+from stage_runs import run_stage
 
 from tsquant.cli import parse_overrides
 from tsquant.pipeline.config import load_config
 from tsquant.pipeline.stages import Context
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = Path(__file__).with_name("step1_budget.json")
 
 
@@ -57,14 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (target / "train").exists():
             target.mkdir(parents=True, exist_ok=True)
             shutil.copytree(ctx.stage_dir("train"), target / "train")
-        sets = [f"{k}={v}" for k, v in overrides.items() if k != "name"]
-        sets += [f"name={name}", f"threads={args.threads}", f"codes.epochs={epochs}"]
-        call = [sys.executable, "-m", "tsquant", "codes", args.config]
-        call += [arg for s in sets for arg in ("--set", s)]
-        done = subprocess.run(call, cwd=ROOT)
-        if done.returncode != 0:
-            raise SystemExit(f"{shlex.join(call)} failed")
-        meta = json.loads((target / "codes" / "meta.json").read_text())
+        settings = (f"threads={args.threads}", f"codes.epochs={epochs}")
+        meta = run_stage("codes", args.config, overrides, target, *settings)
         row = {
             "dataset": ctx.dataset("test").title,
             "model": ctx.cfg.model.name,
