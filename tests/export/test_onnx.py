@@ -5,7 +5,7 @@ from export_helpers import SHAPES, int8_boundary_small_cnn, random_tsq_model
 from tsquant.data import BatchLoader
 from tsquant.data.datasets import ArrayDataset
 from tsquant.export import IntegerRuntime, export_model, load_export
-from tsquant.export.onnx_export import onnx_session, to_onnx
+from tsquant.export.onnx_export import onnx_session, quantizer_paths, to_onnx
 from tsquant.export.verify import verify
 
 pytest.importorskip("onnxruntime")
@@ -102,6 +102,10 @@ def test_quantizers_fused_into_their_layers_match_the_runtime_exactly(
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Greater") == 3  # the FP first layer's quantizer: float32 comparisons
     assert {op: ops.count(op) for op in expected_ops} == expected_ops
+    paths = quantizer_paths(path)  # recorded in the model's metadata, printed by the export
+    assert paths["conv1_relu"] == "float32 comparisons"
+    expected = "int8 requantization" if int8_kernels else "float32 line"
+    assert paths["conv2_relu"].startswith(expected) and paths["conv3_relu"].startswith(expected)
     x = torch.randn(64, *SHAPES["small_cnn"], generator=torch.Generator().manual_seed(1))
     expected, codes = IntegerRuntime(exported).run(x, keep=True)
     assert all(len(c.unique()) >= 3 for c in codes.values())  # 4 but at eps 0.6

@@ -13,6 +13,7 @@ runtime. Requires the optional ``onnx`` package; the checks use ``onnxruntime``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -138,6 +139,7 @@ class _Writer:
             for name in node.inputs:
                 self.consumers[name].append(node)
         self.fused: set[str] = set()  # quantizers emitted with their layer
+        self.paths: dict[str, str] = {}  # quantizer node -> how the graph computes its codes
         self.rounded_names: dict[str, str] = {}  # "line" value -> its codes
         self.conv_without_bias: dict[str, object] = {}  # facc value -> its Conv node
 
@@ -285,7 +287,11 @@ class _Writer:
             step = self.requantized_conv(node, codes, weight, requant.first)
             y = b.op(requant.combine, [y, step])
         finish = [] if levels == 255 else [("Min", [b.const(np.uint8(levels), "levels")])]
+        how = "int8 requantization" + (
+            f" + step at eps ({requant.combine})" if requant.first else ""
+        )
         self.fused.add(quantizer.name)
+        self.paths[quantizer.name] = how
         return _Value("line", y, rank, a["step"], levels, ("codes8", finish))
 
     def uint8_codes(self, x: _Value) -> str:
@@ -329,6 +335,7 @@ class _Writer:
         if dtype != np.float32:
             finish[1].append(("Cast", [], {"to": self.T.FLOAT}))
         self.fused.add(quantizer.name)
+        self.paths[quantizer.name] = f"{np.dtype(dtype).name} line" + (" (bent)" * bool(line.leak))
         return _Value("line", y, rank, a["step"], levels, finish)
 
     def fused_residual(self, node: Node, args) -> _Value | None:
@@ -433,6 +440,7 @@ class _Writer:
         b, a, x = self.b, node.attrs, args[0]
         if node.name in self.fused:
             return x
+        self.paths[node.name] = "comparisons"
         edges = quantizer_thresholds(a["step"], a["eps"], a["bits"])
         if x.kind in ("acc", "facc"):
             sign, limits = integer_thresholds(x.extra[0], x.extra[1], edges)
@@ -448,17 +456,18 @@ class _Writer:
                 signed = b.op("Mul", [signed, b.const(sign)])
             codes = self.count_above(signed, np.ascontiguousarray(limits))
         elif x.kind == "f32" and len(edges) <= 7 and all((s > 0).all() for s, _ in x.extra):
-            return self.float32_quantize(x, edges.numpy(), a)
+            return self.float32_quantize(x, edges.numpy(), node)
         else:
             limits = edges.numpy().reshape([-1] + [1] * x.rank)
             codes = self.count_above(self.double(x), limits)
         return _Value("codes", codes, x.rank, a["step"], 2 ** a["bits"] - 1)
 
-    def float32_quantize(self, x: _Value, edges: np.ndarray, a: dict) -> _Value:
+    def float32_quantize(self, x: _Value, edges: np.ndarray, node: Node) -> _Value:
         """A quantizer on a float32 value read through float64 stages (an FP conv and its BN):
         one float32 comparison per edge against thresholds that give exactly the float64
         comparisons' codes (``staircase.float32_thresholds``), counted in uint8."""
-        b, shape = self.b, _channel_shape(x.rank)
+        b, shape, a = self.b, _channel_shape(x.rank), node.attrs
+        self.paths[node.name] = "float32 comparisons"
         stages = x.extra or ((np.ones(1), np.zeros(1)),)
         limits = float32_thresholds(list(stages), edges)
         count = None
@@ -549,6 +558,15 @@ _EMIT = {
 ROUNDED_LATER = ("quantize", "maxpool")
 
 
+QUANTIZER_PATHS = "tsquant.quantizer_paths"  # model metadata: how each quantizer is computed
+
+
+def quantizer_paths(path: Path) -> dict[str, str]:
+    """{quantizer node: how the ONNX graph computes its codes} of a model written by to_onnx."""
+    props = {p.key: p.value for p in _onnx().load(str(path)).metadata_props}
+    return json.loads(props.get(QUANTIZER_PATHS, "{}"))
+
+
 def to_onnx(exported: ExportedModel, path: Path) -> Path:
     """Write the ONNX model (input ``input`` float32 NCHW, output ``logits`` float64)."""
     onnx = _onnx()
@@ -575,6 +593,7 @@ def to_onnx(exported: ExportedModel, path: Path) -> Path:
         graph, opset_imports=[b.h.make_opsetid("", OPSET)], producer_name="tsquant"
     )
     model.ir_version = 10
+    onnx.helper.set_model_props(model, {QUANTIZER_PATHS: json.dumps(writer.paths)})
     onnx.checker.check_model(model)
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(model.SerializeToString()))

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -539,7 +540,7 @@ def final_stage(ctx: Context) -> str:
 def stage_export(ctx: Context) -> dict:
     """Integer export + ONNX + model card, verified against the fake-quant model."""
     from ..export import export_model, format_card, load_export, model_card
-    from ..export.onnx_export import onnx_session, to_onnx
+    from ..export.onnx_export import onnx_session, quantizer_paths, to_onnx
     from ..export.verify import verify
 
     if not ctx.cfg.export.enabled:
@@ -572,6 +573,10 @@ def stage_export(ctx: Context) -> dict:
     session = qonnx = None
     if ctx.cfg.export.onnx:
         session = onnx_session(to_onnx(exported, out / "model.onnx"))
+        paths = Counter(quantizer_paths(out / "model.onnx").values())
+        print(
+            "[export] ONNX quantizers: " + ", ".join(f"{n} {how}" for how, n in paths.most_common())
+        )
     if ctx.cfg.export.qonnx:
         from ..export.qonnx_export import QONNXRunner, to_qonnx
 
