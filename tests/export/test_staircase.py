@@ -92,10 +92,13 @@ def test_a_requantized_staircase_gives_the_true_code_with_room_to_spare(seed, sc
     _, limits = integer_thresholds(alpha_step, offset, edges)
     limits = limits.numpy()
     line = fit_requantized(
-        accumulator_samples(limits, bound), weight_max, (0.6487 / alpha_step).numpy()
+        accumulator_samples(limits, bound), weight_max, 3, (0.6487 / alpha_step).numpy()
     )
     if line is not None:
-        assert all(part.factor * weight_max <= 127 for part in line[:2] if part is not None)
+        parts = [part for part in line[:2] if part is not None]
+        assert all(
+            p.factor * weight_max <= 127 and 2 * 3 * p.factor * weight_max < 2**15 for p in parts
+        )
         values, truth = every_code(limits, bound)
         codes, distance = requantized_codes(line, values, 3)
         assert (codes == truth).all() and distance.min() >= 1 / 64 * 0.99
@@ -111,7 +114,9 @@ def test_most_channels_of_a_2_bit_layer_fit_the_requantized_staircase():
     _, limits = integer_thresholds(alpha_step, offset, thresholds(0.6487, 0.32, 2))
     spacing = (0.6487 / alpha_step).numpy()
     fits = [
-        fit_requantized(accumulator_samples(limits[c : c + 1].numpy(), 864), 1, spacing[c : c + 1])
+        fit_requantized(
+            accumulator_samples(limits[c : c + 1].numpy(), 864), 1, 3, spacing[c : c + 1]
+        )
         is not None
         for c in range(2000)
     ]

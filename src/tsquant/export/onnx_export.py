@@ -273,7 +273,7 @@ class _Writer:
         rank = 4 if node.op == "qconv" else 2
         requant = None
         if node.op == "qconv" and x.kind != "icodes":  # int8 inputs measured slower here
-            requant = fit_requantized(samples, int(np.abs(weight).max()), spacing)
+            requant = fit_requantized(samples, int(np.abs(weight).max()), x.top, spacing)
         if requant is None:
             first_gap = float(edges[1] - edges[0]) / a["step"] if len(edges) > 1 else 1.0
             line = fit_line(samples, first_gap, spacing)

@@ -232,17 +232,20 @@ class RequantizedLayer(NamedTuple):
     combine: str = ""
 
 
-def _factor(weight_max: int, largest: float) -> int:
-    """The largest weight multiplier that keeps int8 weights and every sum up to ``largest``
-    times it exact in float32 (0: none)."""
-    return min(127 // max(weight_max, 1), int(FLOAT32_EXACT // max(largest, 1)))
+def _factor(weight_max: int, largest: float, input_top: int) -> int:
+    """The largest weight multiplier that keeps int8 weights, every sum up to ``largest`` times
+    it exact in float32, and every pair of uint8 x int8 products within int16 (x86 kernels
+    without VNNI add pairs with saturation, onnxruntime's documented u8s8 caveat) (0: none)."""
+    weight_max = max(weight_max, 1)
+    pairs = 32767 // (2 * max(input_top, 1) * weight_max)
+    return min(127 // weight_max, pairs, int(FLOAT32_EXACT // max(largest, 1)))
 
 
-def _requantized_grid(lo, hi, bound, weight_max, spacing, margin) -> Requantized | None:
+def _requantized_grid(lo, hi, bound, weight_max, input_top, spacing, margin) -> Requantized | None:
     """A uniform grid whose level-1 crossing q / 2 - bias / factor has an integer bias: among
     spacings within one accumulator unit of the roomiest (257 of them), per channel the one
     whose room for the base holds such a crossing with most to spare."""
-    factor = _factor(weight_max, 2 * bound)
+    factor = _factor(weight_max, 2 * bound, input_top)
     if factor < 1:
         return None
     lo, hi = lo + margin, hi - margin
@@ -273,11 +276,11 @@ def _requantized_grid(lo, hi, bound, weight_max, spacing, margin) -> Requantized
     return Requantized(factor, bias.astype(np.int32), (1 / (factor * q)).astype(np.float32))
 
 
-def _requantized_step(lo, hi, bound, weight_max, margin) -> Requantized | None:
+def _requantized_step(lo, hi, bound, weight_max, input_top, margin) -> Requantized | None:
     """One crossing at x in (lo + margin, hi - margin), whose rounded value stays below 1.5
     up to the largest accumulator (so it is 0 or 1 without clipping): the bias puts the
     crossing value 0.5 at two thirds of the way from x's value to the top, 1.25."""
-    factor = _factor(weight_max, 4 * bound + 4)
+    factor = _factor(weight_max, 4 * bound + 4, input_top)
     if factor < 1:
         return None
     low, high = lo + margin, hi - margin
@@ -296,26 +299,28 @@ def _requantized_step(lo, hi, bound, weight_max, margin) -> Requantized | None:
 
 
 def fit_requantized(
-    samples: Samples, weight_max: int, spacing=None, margin: float = 1 / 64
+    samples: Samples, weight_max: int, input_top: int, spacing=None, margin: float = 1 / 64
 ) -> RequantizedLayer | None:
     """Integer accumulators' staircase realised by int8 layers' requantization, or None:
     one uniform grid where every channel fits, else a uniform grid combined with a single
     step at the first crossing (the sparse quantizer's eps).
 
     Crossings lie at (j - 1/2) / scale - bias on the factor-scaled accumulator, so offsets
-    come in steps of 1 / factor (factor: the largest that keeps the weights int8 and
-    factor * v + bias exact in float32). Every accumulator stays at least ``margin`` from a
+    come in steps of 1 / factor (factor: the largest that keeps the weights int8, factor * v +
+    bias exact in float32 and products of codes up to ``input_top`` safe from int16
+    saturation). Every accumulator stays at least ``margin`` from a
     crossing, so the code is the same for any requantization accurate to ~1e-4 (float32 or
     fixed point), not only the one checked here."""
     lo, hi = _windows(samples)
     bound = samples.bound
-    candidates = [RequantizedLayer(_requantized_grid(lo, hi, bound, weight_max, spacing, margin))]
+    grid = (bound, weight_max, input_top, spacing, margin)
+    candidates = [RequantizedLayer(_requantized_grid(lo, hi, *grid))]
     if samples.levels >= 2:
-        first = _requantized_step(lo[:, 0], hi[:, 0], bound, weight_max, margin)
+        first = _requantized_step(lo[:, 0], hi[:, 0], bound, weight_max, input_top, margin)
         wider, narrower = hi.copy(), lo.copy()
         wider[:, 0], narrower[:, 0] = np.inf, -np.inf  # the step decides the first crossing
         for combine, windows in (("Max", (lo, wider)), ("Mul", (narrower, hi))):
-            main = _requantized_grid(*windows, bound, weight_max, spacing, margin)
+            main = _requantized_grid(*windows, *grid)
             candidates.append(RequantizedLayer(main, first, combine))
     for layer in candidates:
         if layer.main is None or (layer.combine and layer.first is None):
