@@ -91,6 +91,21 @@ def conv_attrs(a: dict) -> dict:
     return {"strides": a["stride"], "pads": conv_pads(a), "dilations": a["dilation"]}
 
 
+def maxpool_attrs(a: dict) -> dict:
+    """ONNX MaxPool attributes of a maxpool node."""
+    return {"kernel_shape": a["kernel"], **conv_attrs(a), "ceil_mode": int(a["ceil_mode"])}
+
+
+def avgpool_attrs(a: dict) -> dict:
+    """ONNX AveragePool attributes of an avgpool node."""
+    return {
+        "kernel_shape": a["kernel"],
+        "strides": a["stride"],
+        "pads": conv_pads(a),
+        "count_include_pad": int(a["count_include_pad"]),
+    }
+
+
 def slice_inputs(slices: list) -> list[np.ndarray]:
     """ONNX Slice's starts, ends, axes, steps of a slice node's [start, stop, step] per dim."""
     starts = [s[0] or 0 for s in slices]
@@ -490,13 +505,7 @@ class _Writer:
     def maxpool(self, node: Node, args) -> _Value:
         a, x = node.attrs, args[0]
         codes = x.kind in (*CODES, "line")  # max commutes with code -> value (step > 0)
-        y = self.b.op(
-            "MaxPool",
-            [x.name if codes else self.double(x)],
-            kernel_shape=a["kernel"],
-            **conv_attrs(a),
-            ceil_mode=int(a["ceil_mode"]),
-        )
+        y = self.b.op("MaxPool", [x.name if codes else self.double(x)], **maxpool_attrs(a))
         return x._replace(name=y) if codes else _Value("float", y, x.rank)
 
     def global_avgpool(self, node: Node, args) -> _Value:
@@ -505,14 +514,7 @@ class _Writer:
 
     def avgpool(self, node: Node, args) -> _Value:
         b, a, T = self.b, node.attrs, self.T
-        y = b.op(
-            "AveragePool",
-            [b.cast(self.double(args[0]), T.FLOAT)],
-            kernel_shape=a["kernel"],
-            strides=a["stride"],
-            pads=conv_pads(a),
-            count_include_pad=int(a["count_include_pad"]),
-        )
+        y = b.op("AveragePool", [b.cast(self.double(args[0]), T.FLOAT)], **avgpool_attrs(a))
         return _Value("float", b.cast(y, T.DOUBLE), 4)
 
     def reshape(self, node: Node, args) -> _Value:

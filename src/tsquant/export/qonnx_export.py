@@ -29,7 +29,14 @@ from ..fileio import atomic_write
 from ..quantizers.activation import thresholds as quantizer_thresholds
 from .format import ExportedModel
 from .graph import ExportError, Node
-from .onnx_export import GraphBuilder, conv_attrs, conv_pads, pad_amounts, slice_inputs
+from .onnx_export import (
+    GraphBuilder,
+    avgpool_attrs,
+    conv_attrs,
+    maxpool_attrs,
+    pad_amounts,
+    slice_inputs,
+)
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 OPSET = 13  # what qonnx's executor and FINN's front end read
@@ -140,25 +147,12 @@ class _Writer:
 
     def maxpool(self, node: Node, args):
         a = node.attrs
-        y = self.b.op(
-            "MaxPool",
-            [args[0][0]],
-            kernel_shape=a["kernel"],
-            **conv_attrs(a),
-            ceil_mode=int(a["ceil_mode"]),
-        )
+        y = self.b.op("MaxPool", [args[0][0]], **maxpool_attrs(a))
         return y, 4
 
     def avgpool(self, node: Node, args):
         a = node.attrs
-        y = self.b.op(
-            "AveragePool",
-            [args[0][0]],
-            kernel_shape=a["kernel"],
-            strides=a["stride"],
-            pads=conv_pads(a),
-            count_include_pad=int(a["count_include_pad"]),
-        )
+        y = self.b.op("AveragePool", [args[0][0]], **avgpool_attrs(a))
         return y, 4
 
     def global_avgpool(self, node: Node, args):
