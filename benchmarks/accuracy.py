@@ -203,6 +203,16 @@ WALL_STAGES = {
 WALL_STAGES["tsq_ft"] = (*WALL_STAGES["tsq"], "finetune")
 
 
+def stage_epochs(cfg: RunConfig, stages) -> dict[str, int]:
+    """Epochs of each training stage a row went through (step 2 trains nothing)."""
+    by_stage = {
+        "train": cfg.train.epochs,
+        "codes": cfg.codes.epochs,
+        "finetune": cfg.finetune.epochs,
+    }
+    return {s: by_stage[s] for s in stages if s in by_stage}
+
+
 def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: dict) -> list[dict]:
     """wanted: eval method -> benchmark method."""
     out = []
@@ -218,6 +228,7 @@ def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: di
                     "method": wanted[r["method"]],
                     "eps": 0.0 if r["a_bits"] == "fp" else r["eps"],
                     "wall_s": round(stage_wall(ctx, *WALL_STAGES[r["method"]]), 1),
+                    "epochs": stage_epochs(ctx.cfg, WALL_STAGES[r["method"]]),
                     "command": command,
                     **extra,
                 }
@@ -264,6 +275,7 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
     model = prepare_lsq(fp, main.cfg.transform.weight_bits, main.cfg.codes.bits)
     c, f = main.cfg.codes, main.cfg.finetune
     budget = replace(c, epochs=QAT_BUDGET[method] * (c.epochs + f.epochs))
+    epochs = {**stage_epochs(main.cfg, ("train",)), method: budget.epochs}
     start = time.time()
     train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq")
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "lsq eval")
@@ -275,6 +287,7 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
         top1,
         validation_top1(model, ctx, "lsq val"),
         time.time() - start + stage_wall(main, "train"),
+        epochs=epochs,
         qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint",
     )
     save_json(out / "meta.json", {"row": row})
@@ -303,6 +316,7 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
         top1,
         validation_top1(quant, main, "brevitas val"),
         wall,
+        epochs=stage_epochs(main.cfg, ("train",)),
         calib_images=main.cfg.transform.calib_images,
     )
     save_json(out / "meta.json", {"row": row})
@@ -310,34 +324,51 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
 
 
 def merge(rows: list[dict], results_json: Path) -> list[dict]:
+    """New rows replace old ones of the same dataset, model, method, seed and ablation value. An
+    old row of the same dataset, model and method trained on other epochs (another recipe) is
+    marked superseded, so that tables never average two recipes into one figure."""
     existing = json.loads(results_json.read_text()) if results_json.exists() else []
     key = lambda r: (r["dataset"], r["model"], r["method"], r["seed"], r.get("ablation_value"))  # noqa: E731
+    recipe = {(r["dataset"], r["model"], r["method"]): r.get("epochs") for r in rows}
     fresh = {key(r) for r in rows}
-    return [r for r in existing if key(r) not in fresh] + rows
+    kept = [r for r in existing if key(r) not in fresh]
+    for r in kept:
+        epochs = recipe.get((r["dataset"], r["model"], r["method"]), r.get("epochs"))
+        if epochs != r.get("epochs") and not r.get("superseded"):
+            r["superseded"] = f"by rows of another recipe (epochs {epochs})"
+    return kept + rows
+
+
+def _epochs(row: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (row.get("epochs") or {}).items()) or "-"
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["# tsquant accuracy benchmark", ""]
     for dataset, model in dict.fromkeys((r["dataset"], r["model"]) for r in rows):
         group = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
-        main = [r for r in group if not r["method"].startswith("ablation:")]
+        current = [r for r in group if not r.get("superseded")]
+        main = [r for r in current if not r["method"].startswith("ablation:")]
         lines += [
             f"## {dataset}, {model}",
             "",
-            "| method | W | A | eps | top-1 mean (%) | spread (std) | seeds: top-1 | wall (s, mean) | command (seed 0) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | W | A | eps | top-1 mean (%) | spread (std) | seeds: top-1 | val top-1 mean (%) "
+            "| epochs | wall (s, mean) | command (seed 0) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method in dict.fromkeys(r["method"] for r in main):
             rs = sorted((r for r in main if r["method"] == method), key=lambda r: r["seed"])
             tops = [r["top1"] for r in rs]
             spread = f"{statistics.stdev(tops):.2f}" if len(tops) > 1 else "-"
             per_seed = ", ".join(f"{r['seed']}: {r['top1']:.2f}" for r in rs)
+            vals = [r["val_top1"] for r in rs if r.get("val_top1") is not None]
+            val = f"{statistics.mean(vals):.2f}" if vals else "-"
             lines.append(
                 f"| {method} | {rs[0]['w_bits']} | {rs[0]['a_bits']} | {rs[0]['eps']} | "
-                f"{statistics.mean(tops):.2f} | {spread} | {per_seed} | "
+                f"{statistics.mean(tops):.2f} | {spread} | {per_seed} | {val} | {_epochs(rs[0])} | "
                 f"{statistics.mean(r['wall_s'] for r in rs):.0f} | `{rs[0]['command']}` |"
             )
-        ablations = [r for r in group if r["method"].startswith("ablation:")]
+        ablations = [r for r in current if r["method"].startswith("ablation:")]
         if ablations:
             lines += [
                 "",
@@ -354,6 +385,19 @@ def markdown(rows: list[dict]) -> str:
                     f"| {r['method'][9:]} | {r['ablation_value']} | {r['seed']} | {r['top1']:.2f} | "
                     f"{zeros} | {agree} | {step2} | {r['wall_s']:.0f} | `{r['command']}` |"
                 )
+        superseded = [r for r in group if r.get("superseded")]
+        for why in dict.fromkeys(r["superseded"] for r in superseded):
+            old = [r for r in superseded if r["superseded"] == why]
+            lines += ["", f"Superseded ({why}; in no mean above):", ""]
+            lines += ["| method | seeds: top-1 | epochs |", "|---|---|---|"]
+            for method in dict.fromkeys(r["method"] for r in old):
+                rs = sorted((r for r in old if r["method"] == method), key=lambda r: r["seed"])
+                per_seed = ", ".join(
+                    f"{r['seed']}: {r['top1']:.2f}"
+                    + (f" ({r['ablation_value']})" if "ablation_value" in r else "")
+                    for r in rs
+                )
+                lines.append(f"| {method} | {per_seed} | {_epochs(rs[0])} |")
         lines.append("")
     lines.append(
         "Wall: seconds of the stages a row needs, summed (its FP training included), as recorded "

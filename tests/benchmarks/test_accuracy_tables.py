@@ -1,0 +1,57 @@
+"""The accuracy harness's results file: rows of two recipes are never averaged into one figure."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(method, seed, top1, epochs, **extra):
+    return {
+        "dataset": "D",
+        "model": "m",
+        "method": method,
+        "w_bits": "ternary",
+        "a_bits": 2,
+        "eps": 0.32,
+        "seed": seed,
+        "top1": top1,
+        "wall_s": 1.0,
+        "command": "c",
+        "epochs": epochs,
+        **extra,
+    }
+
+
+def test_a_new_recipe_supersedes_the_old_rows_of_its_method(accuracy, tmp_path):
+    results = tmp_path / "results.json"
+    old = [row("tsq_ft", 0, 70.0, {"train": 20}), row("tsq_ft", 1, 71.0, {"train": 20})]
+    old.append(row("qat", 1, 60.0, {"train": 20}))
+    results.write_text(json.dumps(old))
+    merged = accuracy.merge([row("tsq_ft", 0, 90.0, {"train": 160})], results)
+    by_key = {(r["method"], r["seed"]): r for r in merged}
+    assert by_key[("tsq_ft", 0)]["top1"] == 90.0  # replaced
+    assert "epochs" in by_key[("tsq_ft", 1)]["superseded"]  # other recipe, not re-run
+    assert "superseded" not in by_key[("qat", 1)]  # another method: untouched
+    table = accuracy.markdown(merged)
+    assert "| tsq_ft | ternary | 2 | 0.32 | 90.00 | - | 0: 90.00 |" in table
+    assert "Superseded" in table and "| tsq_ft | 1: 71.00 | train 20 |" in table
+
+
+def test_same_recipe_rows_of_other_seeds_stay_in_the_mean(accuracy, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([row("tsq_ft", 1, 80.0, {"train": 160}, val_top1=81.0)]))
+    merged = accuracy.merge([row("tsq_ft", 0, 90.0, {"train": 160}, val_top1=89.0)], results)
+    assert not any(r.get("superseded") for r in merged)
+    assert "| 85.00 | 7.07 | 0: 90.00, 1: 80.00 | 85.00 | train 160 |" in accuracy.markdown(merged)
