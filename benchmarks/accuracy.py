@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py configs/fashion_mnist_small_cnn.yaml --seeds 0 1 2 \
         --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,qat_2x,tsq_w2,brevitas_gptq \
-        [--ablations eps,mode,lam,iters,calib,distill,keep_best]
+        [--ablations eps,mode,lam,iters,calib,distill,keep_best,finetune]
 
 Every method is a `tsquant run` of the same config with a few overrides (printed as the row's
 command); a run whose configuration agrees with the main TSQ run up to a stage (same FP
@@ -84,10 +84,20 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
     # beyond the paper: the FP model's logits as soft targets in step 1 and the fine-tune
     "distill": [(v, {"codes.distill": v, "finetune.distill": v}) for v in ("0", "0.5", "0.9")],
     "keep_best": [(v, {"transform.tsq.keep_best": v}) for v in ("error", "agreement")],
+    # the fine-tune's length: QAT at equal budget gets codes.epochs + finetune.epochs, so a
+    # longer fine-tune chosen here moves the qat row's budget with it
+    "finetune": [
+        (
+            "e1_const",
+            {"finetune.epochs": "1", "finetune.schedule": "constant", "finetune.lr": "0.0005"},
+        ),
+        ("e3_cos", {"finetune.epochs": "3", "finetune.schedule": "cosine", "finetune.lr": "0.002"}),
+        ("e6_cos", {"finetune.epochs": "6", "finetune.schedule": "cosine", "finetune.lr": "0.002"}),
+    ],
 }
 
 ABLATION_NO_FINETUNE = {"finetune.epochs": "0"}  # ablation rows read step 2 before fine-tune
-ABLATIONS_WITH_FINETUNE = {"distill"}  # ... except those acting in step 1 and the fine-tune
+ABLATIONS_WITH_FINETUNE = {"distill", "finetune"}  # ... except those acting in the fine-tune
 
 
 class Bench:
@@ -325,15 +335,16 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
 
 def merge(rows: list[dict], results_json: Path) -> list[dict]:
     """New rows replace old ones of the same dataset, model, method, seed and ablation value. An
-    old row of the same dataset, model and method trained on other epochs (another recipe) is
-    marked superseded, so that tables never average two recipes into one figure."""
+    old row of the same dataset, model, method and ablation value trained on other epochs
+    (another recipe) is marked superseded, so that tables never average two recipes into one figure."""
     existing = json.loads(results_json.read_text()) if results_json.exists() else []
     key = lambda r: (r["dataset"], r["model"], r["method"], r["seed"], r.get("ablation_value"))  # noqa: E731
-    recipe = {(r["dataset"], r["model"], r["method"]): r.get("epochs") for r in rows}
+    same_row = lambda r: (r["dataset"], r["model"], r["method"], r.get("ablation_value"))  # noqa: E731
+    recipe = {same_row(r): r.get("epochs") for r in rows}
     fresh = {key(r) for r in rows}
     kept = [r for r in existing if key(r) not in fresh]
     for r in kept:
-        epochs = recipe.get((r["dataset"], r["model"], r["method"]), r.get("epochs"))
+        epochs = recipe.get(same_row(r), r.get("epochs"))
         if epochs != r.get("epochs") and not r.get("superseded"):
             r["superseded"] = f"by rows of another recipe (epochs {epochs})"
     return kept + rows

@@ -55,3 +55,12 @@ def test_same_recipe_rows_of_other_seeds_stay_in_the_mean(accuracy, tmp_path):
     merged = accuracy.merge([row("tsq_ft", 0, 90.0, {"train": 160}, val_top1=89.0)], results)
     assert not any(r.get("superseded") for r in merged)
     assert "| 85.00 | 7.07 | 0: 90.00, 1: 80.00 | 85.00 | train 160 |" in accuracy.markdown(merged)
+
+
+def test_ablation_values_of_other_lengths_do_not_supersede_each_other(accuracy, tmp_path):
+    results = tmp_path / "results.json"
+    short = row("ablation:finetune:tsq_ft", 0, 80.0, {"finetune": 1}, ablation_value="e1")
+    results.write_text(json.dumps([short]))
+    long = row("ablation:finetune:tsq_ft", 0, 81.0, {"finetune": 6}, ablation_value="e6")
+    merged = accuracy.merge([long], results)
+    assert len(merged) == 2 and not any(r.get("superseded") for r in merged)
