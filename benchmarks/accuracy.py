@@ -287,7 +287,8 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
     budget = replace(c, epochs=QAT_BUDGET[method] * (c.epochs + f.epochs))
     epochs = {**stage_epochs(main.cfg, ("train",)), method: budget.epochs}
     start = time.time()
-    train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq")
+    teacher = main.teacher() if budget.distill > 0 else None  # as step 1 is, when it is
+    train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq", teacher=teacher)
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "lsq eval")
     row = baseline_row(
         bench,
@@ -298,7 +299,8 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
         validation_top1(model, ctx, "lsq val"),
         time.time() - start + stage_wall(main, "train"),
         epochs=epochs,
-        qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint",
+        qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint"
+        + (f", distilled from it (weight {budget.distill})" if teacher is not None else ""),
     )
     save_json(out / "meta.json", {"row": row})
     return row
@@ -431,7 +433,11 @@ def main() -> int:
     parser.add_argument(
         "--rows", default=",".join(CORE), help=f"comma list of {CORE + OPTIONAL}, or none"
     )
-    parser.add_argument("--ablations", default="", help=f"comma list of {list(ABLATIONS)}")
+    parser.add_argument(
+        "--ablations",
+        default="",
+        help=f"comma list of {list(ABLATIONS)}; NAME:V1:V2 runs only those values of one",
+    )
     parser.add_argument("--out-dir", default="runs/bench")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
@@ -453,11 +459,16 @@ def main() -> int:
         return 0
     bench = Bench(args.config, parse_overrides(args.set), args.out_dir)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
+    ablations = [a.split(":") for a in args.ablations.split(",") if a]
     unknown = [m for m in wanted if m not in CORE + OPTIONAL] + [
-        a for a in args.ablations.split(",") if a and a not in ABLATIONS
+        ":".join(a) for a in ablations if a[0] not in ABLATIONS
     ]
     if unknown:
         parser.error(f"unknown rows/ablations {unknown}")
+    for name, *values in ablations:
+        known = [v for v, _ in ABLATIONS[name]]
+        if bad := [v for v in values if v not in known]:
+            parser.error(f"ablation {name} has no value {bad[0]} (it has {known})")
     base_cfg = load_config(args.config, bench.base_overrides)
     threads = base_cfg.threads or torch.get_num_threads()
     machine = f"{platform.machine()} CPU, {threads} torch threads"
@@ -487,8 +498,10 @@ def main() -> int:
                 keep([run_qat(bench, seed, method)])
         if "brevitas_gptq" in wanted:
             keep([run_brevitas(bench, seed)])
-    for name in [a for a in args.ablations.split(",") if a]:
+    for name, *values in ablations:
         for value, overrides in ABLATIONS[name]:
+            if values and value not in values:
+                continue
             seed = args.seeds[0]
             if name in ABLATIONS_WITH_FINETUNE:  # read step 1 and the fine-tuned model
                 reads = {m: f"ablation:{name}:{m}" for m in ("step1", "tsq_ft")}

@@ -66,6 +66,10 @@ def _progress(path):
         return {}
 
 
+def _untimed(log: dict) -> dict:
+    return {k: v for k, v in log.items() if k != "wall_s"}
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_run_args):
     _run_to_end(tiny_run_args, tmp_path / "straight")
     killed = tmp_path / "killed"
@@ -95,5 +99,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_run_args):
     for stage in ("train", "codes"):  # the interrupted epochs' running loss/accuracy resumed too
         logs_a = load_json(tmp_path / "straight" / "tiny" / stage / "meta.json")["logs"]
         logs_b = load_json(killed / "tiny" / stage / "meta.json")["logs"]
-        assert logs_a == logs_b
+        assert [_untimed(e) for e in logs_a] == [_untimed(e) for e in logs_b]
+        clock = [e["wall_s"] for e in logs_b]  # counts on across the kills, never restarts
+        assert clock == sorted(clock) and clock[0] > 0
+        wall = load_json(killed / "tiny" / stage / "meta.json")["wall_s"]
+        assert wall >= clock[-1]
     assert not train_resume.exists() and not codes_resume.exists()

@@ -37,6 +37,17 @@ def test_verify_detects_a_changed_file(tmp_path):
     save_json(run / "train" / "meta.json", {"config": config, "test_top1": 50.0, "tsquant": "x"})
     zoo = tmp_path / "zoo"
     entry = add(run, "m", "tsquant train x.yaml", zoo=zoo)
-    assert verify(zoo) == [] and entry["test_top1"] == 50.0
+    assert verify(zoo) == [] and entry["test_top1"] == 50.0 and "val_top1" not in entry
     (zoo / "m.safetensors").write_bytes(b"changed")
     assert verify(zoo) == ["m"]
+
+
+def test_add_records_validation_top1_when_the_run_held_out_a_split(tmp_path):
+    from tsquant.fileio import save_json, save_tensors
+
+    run = tmp_path / "run"
+    save_tensors(run / "train" / "model.safetensors", {"w": torch.ones(2)})
+    config = {"model": {"name": "m"}, "data": {"dataset": "d"}, "seed": 0, "train": {"epochs": 1}}
+    meta = {"config": config, "test_top1": 50.0, "val_top1": 48.123, "tsquant": "x"}
+    save_json(run / "train" / "meta.json", meta)
+    assert add(run, "m", "cmd", zoo=tmp_path / "zoo")["val_top1"] == 48.12

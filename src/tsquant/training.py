@@ -144,6 +144,7 @@ def train(
     epoch, batch, logs = 0, 0, []
     reference = None  # the stage's first batch loss: a loss far above it has exploded
     sums = {"seen": 0, "correct": 0, "loss_sum": 0.0}  # this epoch's running figures
+    spent_before = 0.0  # training seconds of earlier processes (the stage was resumed)
     resume_t = work_dir / "resume.safetensors"  # one file: tensors + progress, atomically
     meta = load_tensor_meta(resume_t) if resume_t.exists() else {}
     if resume_t.exists() and "epoch" not in meta:
@@ -167,6 +168,7 @@ def train(
         epoch, batch, logs = meta["epoch"], meta["batch"], meta["logs"]
         reference = meta.get("loss_reference")
         sums = meta["sums"]
+        spent_before = meta.get("spent_s", 0.0)
         print(f"[{desc}] resuming at epoch {epoch + 1} batch {batch}", flush=True)
 
     def checkpoint(epoch_now: int, batch_now: int, running: dict):
@@ -185,7 +187,13 @@ def train(
         progress = {"epoch": epoch_now, "batch": batch_now, "logs": logs, "sums": running}
         progress["provenance"] = provenance
         progress["loss_reference"] = reference
+        progress["spent_s"] = spent()
         save_tensors(resume_t, tensors, {**progress, "optimizer": opt_meta})
+
+    started = time.monotonic()
+
+    def spent() -> float:
+        return spent_before + time.monotonic() - started
 
     last_save = time.monotonic()
     while epoch < cfg.epochs:
@@ -242,12 +250,13 @@ def train(
         }
         if val_loader is not None and main_rank:
             log["val_top1"] = evaluate(model, val_loader, device, f"{desc} val")
+        log["wall_s"] = round(spent(), 1)  # since the stage began, across resumes
         logs.append(log)
         print(
             f"[{desc}{'' if main_rank else f' rank {distributed.world().rank}'}] "
             f"epoch {epoch + 1}/{cfg.epochs} "
             + " ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                f"{k} {v:.1f}" if k == "wall_s" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in log.items()
                 if k != "epoch"
             ),

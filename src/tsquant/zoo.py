@@ -40,6 +40,7 @@ def add(run_dir: Path, name: str, command: str, zoo: Path = ZOO_DIR) -> dict:
         "model": cfg["model"]["name"],
         "dataset": cfg["data"]["dataset"],
         "test_top1": round(meta["test_top1"], 2),
+        **({"val_top1": round(meta["val_top1"], 2)} if meta.get("val_top1") is not None else {}),
         "seed": cfg["seed"],
         "epochs": cfg["train"]["epochs"],
         "command": command,

@@ -64,3 +64,22 @@ def test_ablation_values_of_other_lengths_do_not_supersede_each_other(accuracy, 
     long = row("ablation:finetune:tsq_ft", 0, 81.0, {"finetune": 6}, ablation_value="e6")
     merged = accuracy.merge([long], results)
     assert len(merged) == 2 and not any(r.get("superseded") for r in merged)
+
+
+@pytest.mark.parametrize(
+    ("ablations", "message"),
+    [
+        ("distill:0.7", "ablation distill has no value 0.7"),
+        ("distil", "unknown rows/ablations ['distil']"),
+    ],
+)
+def test_ablation_names_and_values_are_checked_before_any_run(ablations, message, tmp_path):
+    import subprocess
+    import sys
+
+    config = HARNESS.parents[1] / "configs" / "fashion_mnist_small_cnn.yaml"
+    args = [sys.executable, str(HARNESS), str(config), "--rows", "none", "--ablations", ablations]
+    args += ["--out-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
