@@ -256,7 +256,11 @@ def train(
             f"[{desc}{'' if main_rank else f' rank {distributed.world().rank}'}] "
             f"epoch {epoch + 1}/{cfg.epochs} "
             + " ".join(
-                f"{k} {v:.1f}" if k == "wall_s" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                f"{k} {v:.1f}"
+                if k == "wall_s"
+                else f"{k} {v:.4f}"
+                if isinstance(v, float)
+                else f"{k} {v}"
                 for k, v in log.items()
                 if k != "epoch"
             ),
