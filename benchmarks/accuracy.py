@@ -93,6 +93,11 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
         ),
         ("e3_cos", {"finetune.epochs": "3", "finetune.schedule": "cosine", "finetune.lr": "0.002"}),
         ("e6_cos", {"finetune.epochs": "6", "finetune.schedule": "cosine", "finetune.lr": "0.002"}),
+        # at step 1's (and QAT's) learning rate: enough for latent weights to cross a grid step
+        (
+            "e6_cos_lr01",
+            {"finetune.epochs": "6", "finetune.schedule": "cosine", "finetune.lr": "0.01"},
+        ),
     ],
 }
 

@@ -1,0 +1,43 @@
+"""The per-layer start/end table: layers ending below their start are the ones marked."""
+
+import importlib.util
+from pathlib import Path
+
+from tsquant.fileio import save_json
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step2_layers.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_step2_layers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, name, ends):
+    layers = [
+        {
+            "layer": f"l{i}",
+            "kind": "coded",
+            "agreement_init": 0.8,
+            "agreement": end,
+            "history": [{"true_error": 2.0}, {"true_error": 1.5}],
+        }
+        for i, end in enumerate(ends)
+    ]
+    layers.append({"layer": "head", "kind": "linear", "relative_error": 0.1})
+    save_json(tmp_path / name / "transform" / "meta.json", {"layers": layers})
+    return tmp_path / name
+
+
+def test_layers_below_their_start_are_counted_per_run(tmp_path):
+    bench = _module()
+    runs = [
+        bench.layer_rows(_run(tmp_path, "a", [0.7, 0.9])),
+        bench.layer_rows(_run(tmp_path, "b", [0.85, 0.9])),
+    ]
+    text = bench.table(runs, ["error", "agreement"])
+    assert "| l0 | 0.8000 | 0.7000 (below) | 2.000 -> 1.500 | 0.8500 | 2.000 -> 1.500 |" in text
+    assert "(1 of 2 below start)" in text and "(0 of 2 below start)" in text
+    assert "head" not in text  # only coded layers have an agreement
