@@ -35,25 +35,23 @@ def layer_rows(run_dir: Path) -> dict[str, dict]:
 
 
 def table(runs: list[dict[str, dict]], labels: list[str]) -> str:
-    head = "| layer | start | " + " | ".join(
-        f"{lab}: end | true error: start -> lowest iterate" for lab in labels
-    )
-    lines = [head + " |", "|---|---|" + "---|---|" * len(labels)]
-    below = [0] * len(runs)
-    for layer, first in runs[0].items():
-        cells = [layer, f"{first['start']:.4f}"]
-        for i, run in enumerate(runs):
+    """One row per layer; per run its own start (sequential step 2: inputs differ by run)."""
+    cols = " | ".join(f"{lab}: start | end | true error: start -> lowest iterate" for lab in labels)
+    lines = [f"| layer | {cols} |", "|---|" + "---|---|---|" * len(labels)]
+    for layer in runs[0]:
+        cells = [layer]
+        for run in runs:
             r = run[layer]
-            worse = r["end"] < r["start"]
-            below[i] += worse
-            cells.append(f"{r['end']:.4f}{' (below)' if worse else ''}")
+            below = " (below)" if r["end"] < r["start"] else ""
+            cells += [f"{r['start']:.4f}", f"{r['end']:.4f}{below}"]
             cells.append(f"{r['error_start']:.3f} -> {r['error_min']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    mean = [sum(r["end"] for r in run.values()) / len(run) for run in runs]
-    start = sum(r["start"] for r in runs[0].values()) / len(runs[0])
-    cells = ["mean", f"{start:.4f}"]
-    for m, b, run in zip(mean, below, runs, strict=True):
-        cells += [f"{m:.4f} ({b} of {len(run)} below start)", ""]
+    cells = ["mean"]
+    for run in runs:
+        below = sum(r["end"] < r["start"] for r in run.values())
+        cells.append(f"{sum(r['start'] for r in run.values()) / len(run):.4f}")
+        cells.append(f"{sum(r['end'] for r in run.values()) / len(run):.4f}")
+        cells.append(f"{below} of {len(run)} end below their start")
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ def test_layers_below_their_start_are_counted_per_run(tmp_path):
         bench.layer_rows(_run(tmp_path, "b", [0.85, 0.9])),
     ]
     text = bench.table(runs, ["error", "agreement"])
-    assert "| l0 | 0.8000 | 0.7000 (below) | 2.000 -> 1.500 | 0.8500 | 2.000 -> 1.500 |" in text
-    assert "(1 of 2 below start)" in text and "(0 of 2 below start)" in text
+    row = "| l0 | 0.8000 | 0.7000 (below) | 2.000 -> 1.500 | 0.8000 | 0.8500 | 2.000 -> 1.500 |"
+    assert row in text
+    assert "1 of 2 end below their start" in text and "0 of 2 end below their start" in text
     assert "head" not in text  # only coded layers have an agreement
