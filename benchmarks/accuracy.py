@@ -496,6 +496,8 @@ def main() -> int:
         for tag, overrides in VARIANTS.items():
             methods = {METHODS[m][1]: m for m in wanted if m in METHODS and METHODS[m][0] == tag}
             if methods:
+                if tag != "tsq" and "tsq_ft" not in methods:  # its rows read step 2 alone
+                    overrides = {**overrides, **ABLATION_NO_FINETUNE}
                 ctx = bench.run(seed, tag, overrides)
                 keep(rows_from_eval(ctx, methods, bench.command(seed, overrides), {}))
         for method in QAT_BUDGET:

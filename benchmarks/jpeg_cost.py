@@ -135,7 +135,9 @@ def matched_row(
         "val_top1": logs[-1].get("val_top1") if logs else None,
         "test_top1": round(top1, 2),
         # training time across resumes (train() keeps it), plus this process's test pass
-        "wall_s": round(time.time() - start + (logs[-1]["wall_s"] - trained_here), 1),
+        "wall_s": round(
+            time.time() - start + logs[-1].get("wall_s", trained_here) - trained_here, 1
+        ),
         "machine": f"{platform.machine()} CPU, {threads} threads",
         "date": datetime.date.today().isoformat(),
         "command": command,

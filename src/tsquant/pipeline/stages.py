@@ -401,7 +401,7 @@ def _train_stage(ctx: Context, stage: str, model, cfg_train, desc: str) -> dict:
         top1 = evaluate(model, ctx.test_loader(), ctx.device, f"{stage} eval")
         print(f"[{stage}] test top-1 {top1:.2f}%", flush=True)
     # a resumed stage's training time includes that of the processes before it
-    train_s = logs[-1]["wall_s"] if logs else trained - start
+    train_s = logs[-1].get("wall_s", trained - start) if logs else trained - start
     meta = {"logs": logs, "test_top1": top1, "wall_s": train_s + time.time() - trained}
     if logs and "val_top1" in logs[-1]:
         meta["val_top1"] = logs[-1]["val_top1"]
