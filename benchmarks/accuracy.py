@@ -390,18 +390,19 @@ def markdown(rows: list[dict]) -> str:
         if ablations:
             lines += [
                 "",
-                "| ablation | value | seed | top-1 (%) | zero activations | step-2 code agreement "
-                "| step 2 (s) | wall (s) | command |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "| ablation | value | seed | top-1 (%) | val top-1 (%) | zero activations "
+                "| step-2 code agreement | step 2 (s) | wall (s) | command |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in ablations:
+                val = "-" if r.get("val_top1") is None else f"{r['val_top1']:.2f}"
                 zeros = f"{100 * r['zero_fraction']:.1f} %" if "zero_fraction" in r else "-"
                 agree = r.get("step2_agreement")
                 agree = "-" if agree is None else f"{100 * agree:.2f} %"
                 step2 = "-" if r.get("step2_s") is None else f"{r['step2_s']:.0f}"
                 lines.append(
                     f"| {r['method'][9:]} | {r['ablation_value']} | {r['seed']} | {r['top1']:.2f} | "
-                    f"{zeros} | {agree} | {step2} | {r['wall_s']:.0f} | `{r['command']}` |"
+                    f"{val} | {zeros} | {agree} | {step2} | {r['wall_s']:.0f} | `{r['command']}` |"
                 )
         superseded = [r for r in group if r.get("superseded")]
         for why in dict.fromkeys(r["superseded"] for r in superseded):
