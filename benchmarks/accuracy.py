@@ -2,14 +2,15 @@
 
     python benchmarks/accuracy.py configs/fashion_mnist_small_cnn.yaml --seeds 0 1 2 \
         --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,qat_2x,tsq_w2,brevitas_gptq \
-        [--ablations eps,mode,lam,iters,calib,distill,keep_best,finetune]
+        [--ablations eps,mode,lam,iters,calib,distill,keep_best,finetune,split,hwgq_finetune]
 
 Every method is a `tsquant run` of the same config with a few overrides (printed as the row's
-command); a run whose configuration agrees with the main TSQ run up to a stage (same FP
-training, same step 1, ...) starts from a copy of those stage folders instead of recomputing. QAT (LSQ) trains from
+command); a stage that another run under --out-dir (or --reuse-from) already made with the same
+options and inputs (its recorded provenance) is copied instead of recomputed. QAT (LSQ) trains from
 the same FP checkpoint for codes.epochs + finetune.epochs epochs at the step-1 learning rate
 (qat_2x: twice as many). With data.val_split, every row also carries its validation top-1
-(held-out training images), which is what settings are chosen on.
+(held-out training images), which is what settings are chosen on; the HWGQ-style baseline's
+fine-tune is chosen the same way (`--ablations hwgq_finetune`, then `--hwgq-finetune VALUE`).
 Rows go to benchmarks/results.json (replacing rows with the same dataset, model, method, seed
 and ablation) and the tables to benchmarks/RESULTS.md.
 """
@@ -36,7 +37,7 @@ from tsquant.cli import parse_overrides
 from tsquant.export.verify import quantizer_codes
 from tsquant.fileio import load_json, save_json, sha256_of, write_text_atomic
 from tsquant.pipeline.config import RunConfig, load_config
-from tsquant.pipeline.stages import RUNNERS, Context
+from tsquant.pipeline.stages import Context, run_all
 from tsquant.training import evaluate, train
 
 HERE = Path(__file__).resolve().parent
@@ -51,13 +52,8 @@ VARIANTS = {
     "hwgq": {"codes.eps": "0", "transform.method": "otwa"},
     "w2": {"transform.weight_bits": "2"},
 }
-# what each checkpointed stage's result depends on (config sections, cumulative)
-DEPENDS = {
-    "train": ("data", "model", "train", "seed", "init_checkpoint"),
-    "codes": ("codes",),
-    "transform": ("transform",),
-    "finetune": ("finetune",),
-}
+CHECKPOINTED = ("train", "codes", "transform", "finetune")
+TRAIN_SECTIONS = ("data", "model", "train", "seed", "init_checkpoint")  # what FP training reads
 # method -> (variant, the eval row it reads)
 METHODS = {
     "fp": ("tsq", "fp"),
@@ -93,6 +89,11 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
         ),
         ("e3_cos", {"finetune.epochs": "3", "finetune.schedule": "cosine", "finetune.lr": "0.002"}),
         ("e6_cos", {"finetune.epochs": "6", "finetune.schedule": "cosine", "finetune.lr": "0.002"}),
+        # gentler: the HWGQ-style start (near chance) only recovers at low learning rates
+        (
+            "e6_cos_lr0005",
+            {"finetune.epochs": "6", "finetune.schedule": "cosine", "finetune.lr": "0.0005"},
+        ),
         # at step 1's (and QAT's) learning rate: enough for latent weights to cross a grid step
         (
             "e6_cos_lr01",
@@ -100,16 +101,29 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
         ),
     ],
 }
+# the same 22 epochs split differently between step 1 and the fine-tune (QAT's budget is unchanged)
+ABLATIONS["split"] = [
+    (f"c{c}_f{f}", {"codes.epochs": str(c), "finetune.epochs": str(f)})
+    for c, f in ((16, 6), (8, 14))
+]
+# baselines get the same selection effort: the HWGQ-style row's fine-tune, chosen on validation
+ABLATIONS["hwgq_finetune"] = [(v, {**VARIANTS["hwgq"], **o}) for v, o in ABLATIONS["finetune"]]
 
 ABLATION_NO_FINETUNE = {"finetune.epochs": "0"}  # ablation rows read step 2 before fine-tune
-ABLATIONS_WITH_FINETUNE = {"distill", "finetune"}  # ... except those acting in the fine-tune
+ABLATIONS_WITH_FINETUNE = {
+    "distill",
+    "finetune",
+    "split",
+    "hwgq_finetune",
+}  # ... except those acting in the fine-tune
 
 
 class Bench:
-    def __init__(self, config: str, base_overrides: dict, out_dir: str):
+    def __init__(self, config: str, base_overrides: dict, out_dir: str, reuse_from=()):
         self.config = config
         self.base_overrides = base_overrides
         self.out_dir = out_dir
+        self.reuse_from = [Path(out_dir), *map(Path, reuse_from)]
 
     def cfg(self, seed: int, tag: str, overrides: dict) -> RunConfig:
         base = load_config(self.config, {**self.base_overrides, **overrides})
@@ -124,22 +138,38 @@ class Bench:
             + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in sets.items())
         )
 
+    def donor(self, ctx: Context, stage: str) -> Path | None:
+        """A finished copy of the stage, in any run folder under reuse_from, that this run would
+        rebuild exactly: same options and inputs on record (the main TSQ run first)."""
+        first = Path(self.out_dir) / self.cfg(ctx.cfg.seed, "tsq", {}).name
+        candidates = [first / stage] + sorted(
+            d for root in self.reuse_from for d in root.glob(f"*/{stage}") if d.parent != first
+        )
+        wanted = ctx.provenance(stage)
+        for folder in candidates:
+            if folder.parent == ctx.run_dir or not (folder / "meta.json").is_file():
+                continue
+            meta = load_json(folder / "meta.json")
+            if meta.get("provenance") == wanted and sha256_of(
+                folder / "model.safetensors"
+            ) == meta.get("model_sha256"):
+                return folder
+        return None
+
     def run(self, seed: int, tag: str, overrides: dict) -> Context:
+        """The run's stages: copied where another run made them the same way, else computed
+        (`tsquant run`'s rules: a finished stage whose options or inputs changed runs again)."""
         cfg = self.cfg(seed, tag, overrides)
         ctx = Context(cfg)
-        main = Context(self.cfg(seed, "tsq", {}))
-        mine, theirs, keys = asdict(cfg), asdict(main.cfg), []
-        for stage, depends in DEPENDS.items():  # same config up to this stage: copy it
-            keys += depends
-            if any(mine[k] != theirs[k] for k in keys) or tag == "tsq":
+        for stage in CHECKPOINTED:
+            if ctx.done(stage) and ctx.stale_reason(stage) is None:
+                continue
+            if (donor := self.donor(ctx, stage)) is None:
                 break
-            if main.done(stage) and not ctx.done(stage):
-                shutil.copytree(main.stage_dir(stage), ctx.stage_dir(stage))
-        for stage in BENCH_STAGES:
-            if stage == "eval" or not ctx.done(stage):
-                print(f"[bench] {cfg.name}: {stage}", flush=True)
-                RUNNERS[stage](ctx)
-        save_json(ctx.run_dir / "config.json", asdict(cfg))
+            print(f"[bench] {cfg.name}: {stage} copied from {donor.parent}", flush=True)
+            shutil.rmtree(ctx.stage_dir(stage), ignore_errors=True)  # stale or half-made
+            shutil.copytree(donor, ctx.stage_dir(stage))
+        run_all(cfg, BENCH_STAGES)
         return ctx
 
 
@@ -149,7 +179,7 @@ def fp_from_zoo(bench: Bench, seed: int) -> str | None:
     stage's wall time is the zoo entry's training time. Returns the zoo name used, or None."""
     main = Context(bench.cfg(seed, "tsq", {}))
     cfg = main.cfg
-    touched = [k for k in bench.base_overrides if k.split(".")[0] in DEPENDS["train"]]
+    touched = [k for k in bench.base_overrides if k.split(".")[0] in TRAIN_SECTIONS]
     if main.done("train") or cfg.init_checkpoint or touched:
         return None
     for name, entry in zoo.read_manifest()["models"].items():
@@ -445,6 +475,19 @@ def main() -> int:
         help=f"comma list of {list(ABLATIONS)}; NAME:V1:V2 runs only those values of one",
     )
     parser.add_argument("--out-dir", default="runs/bench")
+    parser.add_argument(
+        "--reuse-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder of runs whose stages may be copied when made the same way",
+    )
+    parser.add_argument(
+        "--hwgq-finetune",
+        choices=[v for v, _ in ABLATIONS["finetune"]],
+        help="the HWGQ-style row's fine-tune (chosen on validation by --ablations "
+        "hwgq_finetune); default: the config's",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--fp-from-zoo",
@@ -463,7 +506,7 @@ def main() -> int:
         rows = json.loads(results_json.read_text())
         write_text_atomic(results_md, _with_other_sections(markdown(rows), results_md))
         return 0
-    bench = Bench(args.config, parse_overrides(args.set), args.out_dir)
+    bench = Bench(args.config, parse_overrides(args.set), args.out_dir, args.reuse_from)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
     ablations = [a.split(":") for a in args.ablations.split(",") if a]
     unknown = [m for m in wanted if m not in CORE + OPTIONAL] + [
@@ -482,6 +525,9 @@ def main() -> int:
         machine = f"{torch.cuda.get_device_name(base_cfg.device)} ({machine})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     rows: list[dict] = []
+    variants = dict(VARIANTS)
+    if args.hwgq_finetune:
+        variants["hwgq"] = {**VARIANTS["hwgq"], **dict(ABLATIONS["finetune"])[args.hwgq_finetune]}
 
     def keep(new: list[dict]) -> None:
         for r in new:
@@ -494,7 +540,7 @@ def main() -> int:
     for seed in args.seeds:
         if args.fp_from_zoo and (name := fp_from_zoo(bench, seed)):
             print(f"[bench] seed {seed}: FP training taken from zoo entry {name}", flush=True)
-        for tag, overrides in VARIANTS.items():
+        for tag, overrides in variants.items():
             methods = {METHODS[m][1]: m for m in wanted if m in METHODS and METHODS[m][0] == tag}
             if methods:
                 if tag != "tsq" and "tsq_ft" not in methods:  # its rows read step 2 alone

@@ -656,12 +656,13 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = True) -> None:
         _run_one(ctx, stage)
 
 
-def run_all(cfg: RunConfig) -> None:
-    """Run every stage that is not complete yet; an interrupted stage resumes."""
+def run_all(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
+    """Run every stage (of ``stages``) that is not complete yet; an interrupted stage resumes."""
     ctx = Context(cfg)
-    ctx.check_export_early()
+    if "export" in stages:
+        ctx.check_export_early()
     with _locked(ctx):
-        for stage in STAGES:
+        for stage in stages:
             say = print if ctx.world.main else (lambda *a, **k: None)
             if stage in CHECKPOINTED and ctx.done(stage):
                 reason = ctx.stale_reason(stage)

@@ -1,0 +1,51 @@
+"""The accuracy harness reuses a stage only when it would rebuild it exactly, and never reads a
+stage made under other settings."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy_reuse", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def meta(ctx, stage):
+    return json.loads((ctx.stage_dir(stage) / "meta.json").read_text())
+
+
+def test_stages_are_copied_when_made_the_same_way_and_rebuilt_when_settings_change(
+    accuracy, tiny_run_args, tmp_path
+):
+    overrides = dict(arg.split("=", 1) for arg in tiny_run_args[1::2])
+    config = str(ROOT / "configs" / "fashion_mnist_small_cnn.yaml")
+    bench = accuracy.Bench(config, overrides, str(tmp_path / "bench"))
+    main = bench.run(0, "tsq", {})
+
+    other_ft = bench.run(0, "ft", {"finetune.lr": "0.001"})
+    for stage in ("train", "codes", "transform"):  # copied, not recomputed
+        assert meta(other_ft, stage) == meta(main, stage)
+    assert meta(other_ft, "finetune")["provenance"]["config"]["finetune.lr"] == 0.001
+
+    # the same run folder under another fine-tune: its finished fine-tune is stale, not read
+    changed = bench.run(0, "ft", {"finetune.lr": "0.002"})
+    assert meta(changed, "finetune")["provenance"]["config"]["finetune.lr"] == 0.002
+    evaluated = json.loads((changed.stage_dir("eval") / "results.json").read_text())
+    tsq_ft = next(r for r in evaluated["rows"] if r["method"] == "tsq_ft")
+    assert tsq_ft["top1"] == meta(changed, "finetune")["test_top1"]
+
+    dense = accuracy.Context(bench.cfg(0, "dense", {"codes.eps": "0"}))
+    assert bench.donor(dense, "train") == main.stage_dir("train")
+    (dense.run_dir).mkdir(parents=True)
+    shutil.copytree(main.stage_dir("train"), dense.stage_dir("train"))
+    assert bench.donor(dense, "codes") is None  # step 1 under another eps is not the same
