@@ -10,7 +10,8 @@ options and inputs (its recorded provenance) is copied instead of recomputed. QA
 the same FP checkpoint for codes.epochs + finetune.epochs epochs at the step-1 learning rate
 (qat_2x: twice as many). With data.val_split, every row also carries its validation top-1
 (held-out training images), which is what settings are chosen on; the HWGQ-style baseline's
-fine-tune is chosen the same way (`--ablations hwgq_finetune`, then `--hwgq-finetune VALUE`).
+fine-tune is chosen the same way (`--ablations hwgq_finetune`, then `--hwgq-finetune VALUE`);
+`--best ABLATION` prints the value to choose.
 Rows go to benchmarks/results.json (replacing rows with the same dataset, model, method, seed
 and ablation) and the tables to benchmarks/RESULTS.md.
 """
@@ -500,12 +501,22 @@ def main() -> int:
     parser.add_argument(
         "--tables-only", action="store_true", help="rewrite RESULTS.md from results.json"
     )
+    parser.add_argument(
+        "--best",
+        metavar="ABLATION",
+        help="print the value of an ablation with the best validation top-1 (after fine-tune "
+        "where it has one) among results.json's rows of this config's data, model and first "
+        "seed, and its --set overrides; runs nothing",
+    )
     args = parser.parse_args()
     results_json, results_md = args.results_dir / "results.json", args.results_dir / "RESULTS.md"
     if args.tables_only:
         rows = json.loads(results_json.read_text())
         write_text_atomic(results_md, _with_other_sections(markdown(rows), results_md))
         return 0
+    if args.best:
+        overrides = parse_overrides(args.set)
+        return print_best(args.config, overrides, args.best, args.seeds[0], results_json, parser)
     bench = Bench(args.config, parse_overrides(args.set), args.out_dir, args.reuse_from)
     wanted = [m for m in args.rows.split(",") if m and m != "none"]
     ablations = [a.split(":") for a in args.ablations.split(",") if a]
@@ -568,6 +579,38 @@ def main() -> int:
                 extra["zero_fraction"] = zero_fraction(ctx, "codes", ctx.step1_model)
             keep(rows_from_eval(ctx, reads, bench.command(seed, overrides), extra))
     print(f"wrote {results_json} and {results_md}")
+    return 0
+
+
+def print_best(
+    config: str, overrides: dict, name: str, seed: int, results_json: Path, parser
+) -> int:
+    """The ablation value to choose: the best validation top-1 of the rows a setting is chosen
+    on (the fine-tuned model for ablations acting in the fine-tune, else step 2's)."""
+    if name not in ABLATIONS:
+        parser.error(f"unknown ablation {name!r} (known: {list(ABLATIONS)})")
+    ctx = Context(load_config(config, overrides))
+    dataset = ctx.dataset("test")
+    method = f"ablation:{name}" + (":tsq_ft" if name in ABLATIONS_WITH_FINETUNE else "")
+    existing = json.loads(results_json.read_text()) if results_json.exists() else []
+    key = (dataset.title or dataset.name, ctx.cfg.model.name, method, seed)
+    rows = [
+        r
+        for r in existing
+        if (r["dataset"], r["model"], r["method"], r["seed"]) == key
+        and not r.get("superseded")
+        and r.get("val_top1") is not None
+    ]
+    if not rows:
+        raise SystemExit(
+            f"no {method} rows with a validation top-1 for seed {seed} in {results_json}: run "
+            f"--ablations {name} first (with data.val_split set)"
+        )
+    for r in rows:
+        print(f"{r['ablation_value']}: val {r['val_top1']:.2f}", file=sys.stderr)
+    best = max(rows, key=lambda r: r["val_top1"])
+    overrides = dict(ABLATIONS[name])[best["ablation_value"]]
+    print(best["ablation_value"], *(f"--set {k}={v}" for k, v in overrides.items()))
     return 0
 
 

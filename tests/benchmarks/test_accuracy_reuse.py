@@ -4,6 +4,8 @@ stage made under other settings."""
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,29 @@ def test_stages_are_copied_when_made_the_same_way_and_rebuilt_when_settings_chan
     (dense.run_dir).mkdir(parents=True)
     shutil.copytree(main.stage_dir("train"), dense.stage_dir("train"))
     assert bench.donor(dense, "codes") is None  # step 1 under another eps is not the same
+
+
+def test_best_prints_the_value_with_the_best_validation_top1(accuracy, tiny_run_args, tmp_path):
+    overrides = dict(arg.split("=", 1) for arg in tiny_run_args[1::2])
+    config = str(ROOT / "configs" / "fashion_mnist_small_cnn.yaml")
+    ctx = accuracy.Context(accuracy.load_config(config, overrides))
+    test = ctx.dataset("test")
+    rows = [
+        {
+            "dataset": test.title or test.name,
+            "model": ctx.cfg.model.name,
+            "method": "ablation:finetune:tsq_ft",
+            "seed": 0,
+            "top1": top1,  # test top-1 never decides
+            "val_top1": val,
+            "ablation_value": value,
+        }
+        for value, top1, val in (("e1_const", 90.0, 80.0), ("e6_cos_lr01", 80.0, 81.0))
+    ]
+    rows.append({**rows[0], "ablation_value": "e6_cos", "val_top1": 99.0, "superseded": "old"})
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    args = [sys.executable, str(HARNESS), config, "--best", "finetune"]
+    args += ["--results-dir", str(tmp_path), *tiny_run_args]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "e6_cos_lr01" and "--set finetune.lr=0.01" in done.stdout
