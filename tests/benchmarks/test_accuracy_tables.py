@@ -1,20 +1,11 @@
 """The accuracy harness's results file: rows of two recipes are never averaged into one figure."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
-
-
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def row(method, seed, top1, epochs, **extra):
