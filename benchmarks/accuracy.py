@@ -111,12 +111,8 @@ ABLATIONS["split"] = [
 ABLATIONS["hwgq_finetune"] = [(v, {**VARIANTS["hwgq"], **o}) for v, o in ABLATIONS["finetune"]]
 
 ABLATION_NO_FINETUNE = {"finetune.epochs": "0"}  # ablation rows read step 2 before fine-tune
-ABLATIONS_WITH_FINETUNE = {
-    "distill",
-    "finetune",
-    "split",
-    "hwgq_finetune",
-}  # ... except those acting in the fine-tune
+# ... except those acting in the fine-tune
+ABLATIONS_WITH_FINETUNE = {"distill", "finetune", "split", "hwgq_finetune"}
 
 
 class Bench:
@@ -315,13 +311,18 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
     main = Context(bench.cfg(seed, "tsq", {}))
     ctx = Context(bench.cfg(seed, method, {}))
     out = ctx.stage_dir(method)
-    if (out / "meta.json").exists():
-        return load_json(out / "meta.json")["row"]
-    fp = main.load("train", main.fp_model())
-    model = prepare_lsq(fp, main.cfg.transform.weight_bits, main.cfg.codes.bits)
     c, f = main.cfg.codes, main.cfg.finetune
     budget = replace(c, epochs=QAT_BUDGET[method] * (c.epochs + f.epochs))
     epochs = {**stage_epochs(main.cfg, ("train",)), method: budget.epochs}
+    made_with = {
+        "fp_sha256": fp_sha256(main),
+        "weight_bits": main.cfg.transform.weight_bits,
+        "training": asdict(budget),
+    }
+    if (row := recorded_row(out, made_with, epochs)) is not None:
+        return row
+    fp = main.load("train", main.fp_model())
+    model = prepare_lsq(fp, main.cfg.transform.weight_bits, main.cfg.codes.bits)
     start = time.time()
     teacher = main.teacher() if budget.distill > 0 else None  # as step 1 is, when it is
     train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq", teacher=teacher)
@@ -338,8 +339,31 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
         qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint"
         + (f", distilled from it (weight {budget.distill})" if teacher is not None else ""),
     )
-    save_json(out / "meta.json", {"row": row})
+    save_json(out / "meta.json", {"row": row, "made_with": made_with})
     return row
+
+
+def fp_sha256(main: Context) -> str | None:
+    """The FP checkpoint a baseline starts from (None before it exists: loading it then fails
+    with the message that says which stage to run)."""
+    if not main.done("train"):
+        return None
+    return load_json(main.stage_dir("train") / "meta.json")["model_sha256"]
+
+
+def recorded_row(out: Path, made_with: dict, epochs: dict) -> dict | None:
+    """A finished baseline's row if it was made with these settings and this FP model; a stale
+    one is removed (never read). Rows from before ``made_with`` was recorded are kept when
+    their epochs match."""
+    if not (out / "meta.json").exists():
+        return None
+    meta = load_json(out / "meta.json")
+    recorded = meta.get("made_with")
+    if recorded == made_with or (recorded is None and meta["row"].get("epochs") == epochs):
+        return meta["row"]
+    print(f"[bench] {out}: made with other settings or another FP model: running it again")
+    shutil.rmtree(out)
+    return None
 
 
 def run_brevitas(bench: Bench, seed: int) -> dict:
@@ -347,8 +371,14 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
 
     main = Context(bench.cfg(seed, "tsq", {}))
     out = Context(bench.cfg(seed, "brevitas", {})).stage_dir("brevitas_gptq")
-    if (out / "meta.json").exists():
-        return load_json(out / "meta.json")["row"]
+    made_with = {
+        "fp_sha256": fp_sha256(main),
+        "weight_bits": main.cfg.transform.weight_bits,
+        "bits": main.cfg.codes.bits,
+        "calib_images": main.cfg.transform.calib_images,
+    }
+    if (row := recorded_row(out, made_with, stage_epochs(main.cfg, ("train",)))) is not None:
+        return row
     fp = main.load("train", main.fp_model()).eval()
     start = time.time()
     quant = brevitas_gptq(
@@ -367,7 +397,7 @@ def run_brevitas(bench: Bench, seed: int) -> dict:
         epochs=stage_epochs(main.cfg, ("train",)),
         calib_images=main.cfg.transform.calib_images,
     )
-    save_json(out / "meta.json", {"row": row})
+    save_json(out / "meta.json", {"row": row, "made_with": made_with})
     return row
 
 

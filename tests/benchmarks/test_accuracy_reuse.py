@@ -66,3 +66,23 @@ def test_best_prints_the_value_with_the_best_validation_top1(accuracy, tiny_run_
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "e6_cos_lr01" and "--set finetune.lr=0.01" in done.stdout
+
+
+def test_a_baseline_made_with_other_settings_is_run_again_not_read(accuracy, tmp_path):
+    out = tmp_path / "qat"
+    made_with = {"fp_sha256": "a", "training": {"epochs": 22, "lr": 0.01}}
+    row = {"method": "qat", "top1": 80.0, "epochs": {"train": 160, "qat": 22}}
+
+    def write(meta):
+        out.mkdir(exist_ok=True)
+        (out / "meta.json").write_text(json.dumps(meta))
+
+    write({"row": row, "made_with": made_with})
+    assert accuracy.recorded_row(out, made_with, row["epochs"]) == row
+    other_fp = {**made_with, "fp_sha256": "b"}
+    assert accuracy.recorded_row(out, other_fp, row["epochs"]) is None and not out.exists()
+
+    write({"row": row})  # recorded before made_with existed: its epochs decide
+    assert accuracy.recorded_row(out, made_with, row["epochs"]) == row
+    assert accuracy.recorded_row(out, made_with, {"train": 160, "qat": 44}) is None
+    assert not out.exists()
