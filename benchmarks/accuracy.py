@@ -180,8 +180,11 @@ def fp_from_zoo(bench: Bench, seed: int) -> str | None:
     if main.done("train") or cfg.init_checkpoint or touched:
         return None
     for name, entry in zoo.read_manifest()["models"].items():
-        same = (entry["model"], entry["dataset"], entry["seed"], entry["epochs"]) == (
+        recorded = (entry["model"], entry.get("model_kwargs", {}), entry.get("image_size"))
+        same = (*recorded, entry["dataset"], entry["seed"], entry["epochs"]) == (
             cfg.model.name,
+            dict(cfg.model.kwargs or {}),
+            cfg.data.image_size,
             cfg.data.dataset,
             seed,
             cfg.train.epochs,

@@ -38,6 +38,9 @@ def add(run_dir: Path, name: str, command: str, zoo: Path = ZOO_DIR) -> dict:
         "file": target.name,
         "sha256": sha256_of(target),
         "model": cfg["model"]["name"],
+        # what build_model needs besides the dataset's shape (e.g. AlexNet-BN's fc width)
+        **({"model_kwargs": cfg["model"]["kwargs"]} if cfg["model"].get("kwargs") else {}),
+        **({"image_size": cfg["data"]["image_size"]} if cfg["data"].get("image_size") else {}),
         "dataset": cfg["data"]["dataset"],
         "test_top1": round(meta["test_top1"], 2),
         **({"val_top1": round(meta["val_top1"], 2)} if meta.get("val_top1") is not None else {}),

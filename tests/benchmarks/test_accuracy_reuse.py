@@ -86,3 +86,38 @@ def test_a_baseline_made_with_other_settings_is_run_again_not_read(accuracy, tmp
     assert accuracy.recorded_row(out, made_with, row["epochs"]) == row
     assert accuracy.recorded_row(out, made_with, {"train": 160, "qat": 44}) is None
     assert not out.exists()
+
+
+def test_fp_from_zoo_takes_only_a_checkpoint_of_the_same_architecture(
+    accuracy, tmp_path, monkeypatch
+):
+    from tsquant.fileio import sha256_of
+
+    zoo_dir = tmp_path / "zoo"
+    zoo_dir.mkdir()
+    (zoo_dir / "alex.safetensors").write_bytes(b"weights")
+    config = "configs/imagenette_alexnet_bn.yaml"
+    entry = {
+        "file": "alex.safetensors",
+        "sha256": sha256_of(zoo_dir / "alex.safetensors"),
+        "model": "alexnet_bn",
+        "model_kwargs": {"fc_width": 4096},  # the config trains fc 1,024
+        "image_size": 64,
+        "dataset": "imagenette",
+        "seed": 0,
+        "epochs": 30,
+        "command": f"python benchmarks/accuracy.py {config} --rows fp",
+        "test_top1": 80.0,
+        "train_wall_s": 1.0,
+    }
+    manifest = {"models": {"alex": entry}}
+    monkeypatch.setattr(accuracy.zoo, "read_manifest", lambda: manifest)
+    monkeypatch.setattr(accuracy.zoo, "ZOO_DIR", zoo_dir)
+    monkeypatch.chdir(ROOT)
+    bench = accuracy.Bench(config, {}, str(tmp_path / "bench"))
+    assert accuracy.fp_from_zoo(bench, 0) is None
+    entry["model_kwargs"] = {"fc_width": 1024}
+    assert accuracy.fp_from_zoo(bench, 1) is None  # another seed
+    assert accuracy.fp_from_zoo(bench, 0) == "alex"
+    train = accuracy.Context(bench.cfg(0, "tsq", {})).stage_dir("train")
+    assert (train / "model.safetensors").read_bytes() == b"weights"
