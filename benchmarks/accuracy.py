@@ -258,6 +258,14 @@ def stage_epochs(cfg: RunConfig, stages) -> dict[str, int]:
     return {s: by_stage[s] for s in stages if s in by_stage}
 
 
+def model_setup(cfg: RunConfig) -> dict:
+    """What a row's model is built with besides its name: the input size and constructor
+    arguments a config chose (e.g. AlexNet-BN at 64 px with 1,024-wide fc layers)."""
+    chosen = {"image_size": cfg.data.image_size, **dict(cfg.model.kwargs or {})}
+    setup = {k: v for k, v in chosen.items() if v is not None}
+    return {"model_setup": setup} if setup else {}
+
+
 def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: dict) -> list[dict]:
     """wanted: eval method -> benchmark method."""
     out = []
@@ -275,6 +283,7 @@ def rows_from_eval(ctx: Context, wanted: dict[str, str], command: str, extra: di
                     "wall_s": round(stage_wall(ctx, *WALL_STAGES[r["method"]]), 1),
                     "epochs": stage_epochs(ctx.cfg, WALL_STAGES[r["method"]]),
                     "command": command,
+                    **model_setup(ctx.cfg),
                     **extra,
                 }
             )
@@ -299,6 +308,7 @@ def baseline_row(
         "wall_s": round(wall_s, 1),
         "command": f"python benchmarks/accuracy.py {bench.config} --seeds {seed} --rows {method}"
         + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in bench.base_overrides.items()),
+        **model_setup(main.cfg),
         **extra,
     }
 
@@ -431,8 +441,10 @@ def markdown(rows: list[dict]) -> str:
         group = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
         current = [r for r in group if not r.get("superseded")]
         main = [r for r in current if not r["method"].startswith("ablation:")]
+        setup = next((r["model_setup"] for r in group if r.get("model_setup")), {})
+        built = ", ".join(f"{k} {v}" for k, v in setup.items())
         lines += [
-            f"## {dataset}, {model}",
+            f"## {dataset}, {model}" + (f" ({built})" if built else ""),
             "",
             "| method | W | A | eps | top-1 mean (%) | spread (std) | seeds: top-1 | val top-1 mean (%) "
             "| epochs | wall (s, mean) | command (seed 0) |",

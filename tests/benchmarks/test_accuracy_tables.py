@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "benchmarks" / "accuracy.py"
 
 
 def row(method, seed, top1, epochs, **extra):
@@ -74,3 +75,13 @@ def test_ablation_names_and_values_are_checked_before_any_run(ablations, message
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_table_heading_says_what_the_model_was_built_with(accuracy):
+    from tsquant.pipeline.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "imagenette_alexnet_bn.yaml"))
+    alexnet = {**row("fp", 0, 80.0, {"train": 30}), **accuracy.model_setup(cfg)}
+    assert alexnet["model_setup"] == {"image_size": 64, "fc_width": 1024}
+    assert accuracy.model_setup(load_config(str(ROOT / "configs" / "cifar10_resnet20.yaml"))) == {}
+    assert "## D, m (image_size 64, fc_width 1024)" in accuracy.markdown([alexnet])
