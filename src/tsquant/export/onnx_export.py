@@ -38,6 +38,7 @@ from .staircase import (
 
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
+WEIGHT_ZERO_POINT = 128  # ConvInteger / MatMulInteger weights: int8 codes + 128 as uint8
 
 
 def _onnx():
@@ -218,7 +219,7 @@ class _Writer:
         input code * largest weight code): fused with a quantizer that is the layer's only
         consumer where its thresholds allow (``fused_quantizer``), else float32 Conv/MatMul on
         integer-valued codes (exact there); larger sums on ConvInteger/MatMulInteger (uint8
-        codes, int8 weights, int32 sums)."""
+        codes, weight codes + 128 as uint8 with that zero point, int32 sums)."""
         x = args[0]
         if x.kind not in CODES:  # e.g. a quantized first layer on the FP image
             return self.layer(node, args)
@@ -245,12 +246,17 @@ class _Writer:
                 f"{node.name}: {weight_codes[0].numel()} signed 8-bit products could exceed "
                 "float32's exact integers: keep this layer fp"
             )
-        weight = weight_codes.to(torch.int8).numpy()
+        # weights as uint8 around a zero point of 128: x86 kernels without VNNI add uint8 x int8
+        # products in pairs in int16 and saturate (2 x 255 x 127 > 2^15); their uint8 x uint8
+        # kernels widen to 16 bits first and sum in int32, exactly
+        weight = (weight_codes.to(torch.int16) + WEIGHT_ZERO_POINT).to(torch.uint8).numpy()
         x8 = self.uint8_codes(x)
+        zero_points = [b.const(np.uint8(0), "xzero"), b.const(np.uint8(WEIGHT_ZERO_POINT), "wzero")]
         if node.op == "qconv":
-            acc = b.op("ConvInteger", [x8, b.const(weight, "wcodes")], **conv_attrs(node.attrs))
+            inputs = [x8, b.const(weight, "wcodes"), *zero_points]
+            acc = b.op("ConvInteger", inputs, **conv_attrs(node.attrs))
         else:
-            acc = b.op("MatMulInteger", [x8, b.const(weight.T.copy(), "wcodes")])
+            acc = b.op("MatMulInteger", [x8, b.const(weight.T.copy(), "wcodes"), *zero_points])
         return _Value("acc", acc, rank, scale)
 
     def float_codes(self, x: _Value) -> str:
