@@ -180,11 +180,10 @@ def fp_from_zoo(bench: Bench, seed: int) -> str | None:
     if main.done("train") or cfg.init_checkpoint or touched:
         return None
     for name, entry in zoo.read_manifest()["models"].items():
-        recorded = (entry["model"], entry.get("model_kwargs", {}), entry.get("image_size"))
-        same = (*recorded, entry["dataset"], entry["seed"], entry["epochs"]) == (
-            cfg.model.name,
-            dict(cfg.model.kwargs or {}),
-            cfg.data.image_size,
+        wanted = zoo.architecture(asdict(cfg))
+        same = {k: entry.get(k) for k in ("model", "model_kwargs", "image_size")} == {
+            k: wanted.get(k) for k in ("model", "model_kwargs", "image_size")
+        } and (entry["dataset"], entry["seed"], entry["epochs"]) == (
             cfg.data.dataset,
             seed,
             cfg.train.epochs,
@@ -261,8 +260,8 @@ def stage_epochs(cfg: RunConfig, stages) -> dict[str, int]:
 def model_setup(cfg: RunConfig) -> dict:
     """What a row's model is built with besides its name: the input size and constructor
     arguments a config chose (e.g. AlexNet-BN at 64 px with 1,024-wide fc layers)."""
-    chosen = {"image_size": cfg.data.image_size, **dict(cfg.model.kwargs or {})}
-    setup = {k: v for k, v in chosen.items() if v is not None}
+    arch = zoo.architecture(asdict(cfg))
+    setup = {k: arch[k] for k in ("image_size",) if k in arch} | arch.get("model_kwargs", {})
     return {"model_setup": setup} if setup else {}
 
 

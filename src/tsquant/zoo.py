@@ -27,6 +27,17 @@ def read_manifest(zoo: Path = ZOO_DIR) -> dict:
     return load_json(path) if path.is_file() else {"models": {}}
 
 
+def architecture(config: dict) -> dict:
+    """What rebuilds a checkpoint's model besides the dataset's shape: the model's name and the
+    constructor kwargs and input size a config set (e.g. AlexNet-BN's fc width, 64 px)."""
+    kwargs, image_size = config["model"].get("kwargs"), config["data"].get("image_size")
+    return {
+        "model": config["model"]["name"],
+        **({"model_kwargs": dict(kwargs)} if kwargs else {}),
+        **({"image_size": image_size} if image_size else {}),
+    }
+
+
 def add(run_dir: Path, name: str, command: str, zoo: Path = ZOO_DIR) -> dict:
     meta = load_json(Path(run_dir) / "train" / "meta.json")
     source = Path(run_dir) / "train" / "model.safetensors"
@@ -37,10 +48,7 @@ def add(run_dir: Path, name: str, command: str, zoo: Path = ZOO_DIR) -> dict:
     entry = {
         "file": target.name,
         "sha256": sha256_of(target),
-        "model": cfg["model"]["name"],
-        # what build_model needs besides the dataset's shape (e.g. AlexNet-BN's fc width)
-        **({"model_kwargs": cfg["model"]["kwargs"]} if cfg["model"].get("kwargs") else {}),
-        **({"image_size": cfg["data"]["image_size"]} if cfg["data"].get("image_size") else {}),
+        **architecture(cfg),
         "dataset": cfg["data"]["dataset"],
         "test_top1": round(meta["test_top1"], 2),
         **({"val_top1": round(meta["val_top1"], 2)} if meta.get("val_top1") is not None else {}),
