@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py configs/fashion_mnist_small_cnn.yaml --seeds 0 1 2 \
         --rows fp,step1,tsq,tsq_ft,hwgq_otwa,hwgq_otwa_ft,qat,qat_2x,tsq_w2,brevitas_gptq \
-        [--ablations eps,mode,lam,iters,calib,distill,keep_best,finetune,split,hwgq_finetune]
+        [--ablations eps,mode,lam,iters,calib,distill,keep_best,learn_step,finetune,split,hwgq_finetune]
 
 Every method is a `tsquant run` of the same config with a few overrides (printed as the row's
 command); a stage that another run under --out-dir (or --reuse-from) already made with the same
@@ -81,6 +81,9 @@ ABLATIONS = {  # name -> [(value, overrides)]; the main config's value is recomp
     # beyond the paper: the FP model's logits as soft targets in step 1 and the fine-tune
     "distill": [(v, {"codes.distill": v, "finetune.distill": v}) for v in ("0", "0.5", "0.9")],
     "keep_best": [(v, {"transform.tsq.keep_best": v}) for v in ("error", "agreement")],
+    # beyond the paper: step 1 learns each quantizer's step d (LSQ's gradient) instead of the
+    # Gaussian-optimal one; eps, and so the sparsity, stay
+    "learn_step": [(v, {"codes.learn_step": v}) for v in ("false", "true")],
     # the fine-tune's length: QAT at equal budget gets codes.epochs + finetune.epochs, so a
     # longer fine-tune chosen here moves the qat row's budget with it
     "finetune": [

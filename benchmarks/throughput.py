@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tsquant import prepare_step1
+from tsquant import SparseQuantizer, prepare_step1
 from tsquant.baselines import prepare_lsq
 from tsquant.models import build_model
 
@@ -34,14 +34,26 @@ MODELS = {  # name -> (build kwargs, batch size, input shape); what the accuracy
     "resnet20": ({"num_classes": 10, "image_size": 32}, 128, (3, 32, 32)),
     "alexnet_bn": ({"num_classes": 10, "image_size": 64, "fc_width": 1024}, 64, (3, 64, 64)),
 }
-PHASES = ("fp_train", "step1_train", "qat_train", "fp_eval", "step1_eval")
+# step1_learned_step_train: step 1 with codes.learn_step (beyond the paper)
+PHASES = (
+    "fp_train",
+    "step1_train",
+    "step1_learned_step_train",
+    "qat_train",
+    "fp_eval",
+    "step1_eval",
+)
 
 
 def _models(name: str) -> dict[str, torch.nn.Module]:
     kwargs = MODELS[name][0]
     fp = build_model(name, **kwargs)
     step1 = prepare_step1(fp, check_export=False)  # AlexNet-BN's adaptive max pool
-    nets = {"fp": fp, "step1": step1, "qat": prepare_lsq(fp, "ternary", 2)}
+    learned = prepare_step1(fp, check_export=False)
+    for q in learned.modules():
+        if isinstance(q, SparseQuantizer):
+            q.learn_step()
+    nets = {"fp": fp, "step1": step1, "step1_ls": learned, "qat": prepare_lsq(fp, "ternary", 2)}
     return {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}
 
 
@@ -76,6 +88,7 @@ def measure(name: str, rounds: int, steps: int, warmup: int) -> dict[str, float]
     steps_of = {
         "fp_train": _phase_step(nets["fp"], True, x, y),
         "step1_train": _phase_step(nets["step1"], True, x, y),
+        "step1_learned_step_train": _phase_step(nets["step1_ls"], True, x, y),
         "qat_train": _phase_step(nets["qat"], True, x, y),
         "fp_eval": _phase_step(nets["fp"], False, x, y),
         "step1_eval": _phase_step(nets["step1"], False, x, y),
@@ -132,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         ratio = figures["fp_train"] / figures["step1_train"]
+        learned = figures["fp_train"] / figures["step1_learned_step_train"]
         qat = figures["fp_train"] / figures["qat_train"]
-        print(f"[{name}] time per image vs FP training: step 1 {ratio:.2f}x, QAT {qat:.2f}x")
+        print(
+            f"[{name}] time per image vs FP training: step 1 {ratio:.2f}x "
+            f"(learned step {learned:.2f}x), QAT {qat:.2f}x"
+        )
     Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

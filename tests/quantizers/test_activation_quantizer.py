@@ -317,3 +317,56 @@ def test_state_dict_round_trip(tmp_path):
 def test_public_api_exports_the_quantizer():
     assert tsquant.SparseQuantizer is SparseQuantizer
     assert "bits=2" in repr(SparseQuantizer.from_gaussian(bits=2, eps=0.32))
+
+
+# --- learned step (beyond the paper: codes.learn_step) ----------------------------------------
+
+
+def test_learned_step_gradients_are_lsqs_when_eps_is_half_a_step():
+    """With eps = d/2 the sparse bins are round-to-nearest on [0, 3d], so Q and both gradients
+    must equal LSQ's unsigned 2-bit quantizer (the QAT baseline's own implementation)."""
+    from tsquant.baselines.lsq import lsq_quantize
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 1.5).requires_grad_()
+    upstream = torch.randn_like(x)
+    q = SparseQuantizer(bits=2, eps=0.35, step=0.7).double().learn_step()
+    q.learned_step.data = q.learned_step.data.double()
+    q(x).mul(upstream).sum().backward()
+    ours = (x.grad.clone(), q.learned_step.grad.clone())
+
+    x.grad = None
+    step = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    scale = 1 / math.sqrt(x[0].numel() * 3)
+    lsq_quantize(x, step, 0, 3, scale).mul(upstream).sum().backward()
+    torch.testing.assert_close(q(x), lsq_quantize(x, step, 0, 3, scale))
+    torch.testing.assert_close(ours[0], x.grad)
+    torch.testing.assert_close(ours[1], step.grad)
+
+
+def test_learned_step_trains_and_freezes_into_the_design():
+    torch.manual_seed(0)
+    q = SparseQuantizer(bits=2, eps=0.32).learn_step()
+    assert [n for n, _ in q.named_parameters()] == ["learned_step"]
+    optimizer = torch.optim.SGD(q.parameters(), lr=0.05)
+    x = torch.randn(64, 8) * 3  # wider than the N(0, 1) design: the MSE wants a larger step
+    for _ in range(50):
+        optimizer.zero_grad()
+        (q(x) - x.clamp_min(0)).pow(2).mean().backward()
+        optimizer.step()
+    learned = q.step
+    assert learned > 1.2 * gaussian_optimal_step(2, 0.32)
+    q.freeze_step()
+    assert list(q.parameters()) == [] and "learned_step" not in q.state_dict()
+    assert q.step == pytest.approx(learned) and q.eps == pytest.approx(0.32)
+    assert torch.equal(
+        q.codes(x), tsquant.quantizers.activation.quantize_codes(x, learned, 0.32, 2)
+    )
+
+
+def test_learned_step_never_empties_level_one():
+    q = SparseQuantizer(bits=2, eps=0.6).learn_step()
+    q.learned_step.data.fill_(0.1)  # as if an optimizer step overshot: eps >= 1.5 d
+    out = q(torch.linspace(-1, 3, 50))
+    assert q.step >= 0.6 / 1.5 and torch.isfinite(out).all()
+    assert q.freeze_step().step == pytest.approx(q.min_step)

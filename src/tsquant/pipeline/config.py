@@ -105,6 +105,11 @@ class CodesConfig(TrainConfig):
     keep_head_input_fp: bool = opt(
         True, "keep a FP ReLU on the last layer's input (released AlexNet)"
     )
+    learn_step: bool = opt(
+        False,
+        "beyond the paper: learn each quantizer's step d in step 1 (LSQ's step gradient; eps "
+        "and so the sparsity stay); false keeps the paper's Gaussian-optimal d",
+    )
     affine_bn: Literal["fold", "keep"] = opt(
         "fold",
         "affine BNs of the FP model: fold (the paper's non-affine BN; beta and |gamma| dropped "

@@ -65,6 +65,8 @@ def stage_config(cfg: RunConfig, stage: str) -> dict:
     for section in ("codes", "finetune"):  # the temperature matters only when distilling
         if not record.get(f"{section}.distill"):
             record.pop(f"{section}.distill_temperature", None)
+    if not record.get("codes.learn_step"):  # stages made before the option existed stay valid
+        record.pop("codes.learn_step", None)
     for method in method_sections(cfg.transform):  # only the chosen method's options
         if record.get("transform.method") != method:
             record = {k: v for k, v in record.items() if not k.startswith(f"transform.{method}.")}

@@ -34,6 +34,7 @@ from ..fileio import (
 )
 from ..models import build_model, build_user_model, is_factory_spec
 from ..normalise import normalise
+from ..quantizers.activation import SparseQuantizer
 from ..report import results_table, write_report
 from ..surgery import analyse, apply_boundary, convert_to_step1, quantized_skeleton
 from ..training import clear_resume, evaluate, train
@@ -432,7 +433,15 @@ def stage_codes(ctx: Context) -> None:
     model = convert_to_step1(
         fp, c.bits, c.eps, keep_head_input_fp=c.keep_head_input_fp, affine_bn=c.affine_bn
     )
-    ctx.finish("codes", model, _train_stage(ctx, "codes", model, c, "step1"))
+    quantizers = [m for m in model.modules() if isinstance(m, SparseQuantizer)]
+    for q in quantizers if c.learn_step else ():
+        q.learn_step()
+    meta = _train_stage(ctx, "codes", model, c, "step1")
+    for q in quantizers:
+        q.freeze_step()
+    if c.learn_step:
+        meta["learned_steps"] = [round(q.step, 4) for q in quantizers]
+    ctx.finish("codes", model, meta)
 
 
 def stage_transform(ctx: Context) -> None:

@@ -122,6 +122,39 @@ def sparse_quantize(x: torch.Tensor, step: float, eps: float, bits: int) -> torc
     return _SparseQuantizeSTE.apply(x, float(step), float(eps), int(bits))
 
 
+class _SparseQuantizeLearnedStep(torch.autograd.Function):
+    """Q(x) with a trainable step d (beyond the paper): x's gradient as in _SparseQuantizeSTE;
+    d's is LSQ's (Esser et al., ICLR 2020) for these bins, dQ/dd = code - x/d on 0 < x < upper,
+    2^bits - 1 above it, 0 at or below 0, times ``grad_scale``. eps stays where it is."""
+
+    @staticmethod
+    def forward(ctx, x, step, eps, bits, grad_scale):
+        d = float(step)
+        codes = quantize_codes(x, d, eps, bits)
+        ctx.save_for_backward(x, codes)
+        ctx.step, ctx.top, ctx.grad_scale = d, num_levels(bits) - 1, grad_scale
+        return codes.to(x.dtype).mul_(d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, codes = ctx.saved_tensors
+        upper = ctx.top * ctx.step
+        grad_x = torch.ops.aten.hardtanh_backward(grad_out, x, 0.0, upper)
+        slope = codes.to(x.dtype) - x / ctx.step
+        slope = torch.where(x >= upper, float(ctx.top), slope).masked_fill_(x <= 0, 0.0)
+        grad_step = (grad_out * slope).sum() * ctx.grad_scale
+        return grad_x, grad_step.to(torch.float32), None, None, None
+
+
+def sparse_quantize_learned_step(
+    x: torch.Tensor, step: torch.Tensor, eps: float, bits: int
+) -> torch.Tensor:
+    """Q(x) with d a trainable scalar tensor; its gradient is scaled by 1/sqrt(numel * (2^bits
+    - 1)) per sample, as LSQ's, so that steps move at the pace of the weights."""
+    grad_scale = 1.0 / math.sqrt(x[0].numel() * (num_levels(bits) - 1))
+    return _SparseQuantizeLearnedStep.apply(x, step, float(eps), int(bits), grad_scale)
+
+
 # --- design: MSE-optimal step for x ~ N(0, 1) -------------------------------------------------
 
 
@@ -274,7 +307,31 @@ class SparseQuantizer(QParamsModule):
 
     @property
     def step(self) -> float:
+        if "learned_step" in self._parameters:  # as the forward uses it
+            return max(float(self.learned_step.detach()), self.min_step)
         return float(self.qparams[2])
+
+    @property
+    def min_step(self) -> float:
+        """The smallest step a learned d may take: level 1 stays non-empty (eps < 1.5 d)."""
+        return max(self.eps / 1.5 * 1.01, 1e-3)
+
+    def learn_step(self) -> SparseQuantizer:
+        """Beyond the paper: make d a trainable parameter (``learned_step``, LSQ's gradient) for
+        step-1 training; :meth:`freeze_step` writes it back into the design. eps is kept, so
+        the sparsity Phi(eps) of the spec's Gaussian design is kept too."""
+        step = torch.tensor(self.step, dtype=torch.float32, device=self.qparams.device)
+        self.learned_step = nn.Parameter(step)
+        return self
+
+    def freeze_step(self) -> SparseQuantizer:
+        """End :meth:`learn_step`: the learned d becomes the quantizer's fixed step."""
+        if "learned_step" in self._parameters:
+            step = self.step
+            del self._parameters["learned_step"]
+            _check_eps_step(self.eps, step, self.bits)
+            self.qparams[2] = step
+        return self
 
     @classmethod
     def from_gaussian(
@@ -313,6 +370,10 @@ class SparseQuantizer(QParamsModule):
         return levels(self.step, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "learned_step" in self._parameters:
+            with torch.no_grad():  # an optimizer step may have pushed d below eps / 1.5
+                self.learned_step.clamp_(min=self.min_step)
+            return sparse_quantize_learned_step(x, self.learned_step, self.eps, self.bits)
         return sparse_quantize(x, self.step, self.eps, self.bits)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
