@@ -140,9 +140,10 @@ class _SparseQuantizeLearnedStep(torch.autograd.Function):
         x, codes = ctx.saved_tensors
         upper = ctx.top * ctx.step
         grad_x = torch.ops.aten.hardtanh_backward(grad_out, x, 0.0, upper)
-        slope = codes.to(x.dtype) - x / ctx.step
-        slope = torch.where(x >= upper, float(ctx.top), slope).masked_fill_(x <= 0, 0.0)
-        grad_step = (grad_out * slope).sum() * ctx.grad_scale
+        # in place on one temporary: these maps are the size of every activation
+        slope = codes.to(x.dtype).sub_(x, alpha=1.0 / ctx.step)
+        slope.masked_fill_(x >= upper, float(ctx.top)).masked_fill_(x <= 0, 0.0)
+        grad_step = slope.mul_(grad_out).sum() * ctx.grad_scale
         return grad_x, grad_step.to(torch.float32), None, None, None
 
 
