@@ -113,6 +113,10 @@ ABLATIONS["split"] = [
 # baselines get the same selection effort: the HWGQ-style row's fine-tune, chosen on validation
 ABLATIONS["hwgq_finetune"] = [(v, {**VARIANTS["hwgq"], **o}) for v, o in ABLATIONS["finetune"]]
 
+# the row --best compares an ablation's values with: the config's own setting
+MAIN_ROW = {"hwgq_finetune": "hwgq_otwa_ft"}  # else tsq_ft (ablations with a fine-tune) or tsq
+CONFIG_VALUE = "config"
+
 ABLATION_NO_FINETUNE = {"finetune.epochs": "0"}  # ablation rows read step 2 before fine-tune
 # ... except those acting in the fine-tune
 ABLATIONS_WITH_FINETUNE = {"distill", "finetune", "split", "hwgq_finetune"}
@@ -653,9 +657,23 @@ def print_best(
             f"no {method} rows with a validation top-1 for seed {seed} in {results_json}: run "
             f"--ablations {name} first (with data.val_split set)"
         )
+    # the config's own setting competes too, unless its row was made as one of the values
+    main_method = MAIN_ROW.get(name, "tsq_ft" if name in ABLATIONS_WITH_FINETUNE else "tsq")
+    commands = {r.get("command") for r in rows}
+    rows += [
+        {**r, "ablation_value": CONFIG_VALUE}
+        for r in existing
+        if (r["dataset"], r["model"], r["method"], r["seed"]) == (*key[:2], main_method, seed)
+        and not r.get("superseded")
+        and r.get("val_top1") is not None
+        and r.get("command") not in commands
+    ]
     for r in rows:
         print(f"{r['ablation_value']}: val {r['val_top1']:.2f}", file=sys.stderr)
     best = max(rows, key=lambda r: r["val_top1"])
+    if best["ablation_value"] == CONFIG_VALUE:
+        print(f"{CONFIG_VALUE}: keep {config}'s setting")
+        return 0
     overrides = dict(ABLATIONS[name])[best["ablation_value"]]
     print(best["ablation_value"], *(f"--set {k}={v}" for k, v in overrides.items()))
     return 0

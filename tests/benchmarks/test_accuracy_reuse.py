@@ -67,6 +67,13 @@ def test_best_prints_the_value_with_the_best_validation_top1(accuracy, tiny_run_
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "e6_cos_lr01" and "--set finetune.lr=0.01" in done.stdout
 
+    # the config's own setting (the tsq_ft row) competes with the values, and can win
+    main = {**rows[0], "method": "tsq_ft", "val_top1": 82.0, "command": "tsquant run x"}
+    (tmp_path / "results.json").write_text(json.dumps([*rows, main]))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("config: keep") and "config: val 82.00" in done.stderr
+
 
 def test_a_baseline_made_with_other_settings_is_run_again_not_read(accuracy, tmp_path):
     out = tmp_path / "qat"
