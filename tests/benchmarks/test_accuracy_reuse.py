@@ -120,11 +120,17 @@ def test_fp_from_zoo_takes_only_a_checkpoint_of_the_same_architecture(
     manifest = {"models": {"alex": entry}}
     monkeypatch.setattr(accuracy.zoo, "read_manifest", lambda: manifest)
     monkeypatch.setattr(accuracy.zoo, "ZOO_DIR", zoo_dir)
+    monkeypatch.setattr(accuracy.Context, "train_fingerprint", lambda self: "the training split")
     monkeypatch.chdir(ROOT)
     bench = accuracy.Bench(config, {}, str(tmp_path / "bench"))
     assert accuracy.fp_from_zoo(bench, 0) is None
     entry["model_kwargs"] = {"fc_width": 1024}
     assert accuracy.fp_from_zoo(bench, 1) is None  # another seed
     assert accuracy.fp_from_zoo(bench, 0) == "alex"
-    train = accuracy.Context(bench.cfg(0, "tsq", {})).stage_dir("train")
+    main = accuracy.Context(bench.cfg(0, "tsq", {}))
+    train = main.stage_dir("train")
     assert (train / "model.safetensors").read_bytes() == b"weights"
+    # the run reads it instead of training again, and the ablations' runs copy it
+    assert main.stale_reason("train") is None
+    ablation = accuracy.Context(bench.cfg(0, "learn_steptrue", {"codes.learn_step": "true"}))
+    assert bench.donor(ablation, "train") == train
