@@ -140,10 +140,13 @@ class _SparseQuantizeLearnedStep(torch.autograd.Function):
         x, codes = ctx.saved_tensors
         upper = ctx.top * ctx.step
         grad_x = torch.ops.aten.hardtanh_backward(grad_out, x, 0.0, upper)
-        # in place on one temporary: these maps are the size of every activation
-        slope = codes.to(x.dtype).sub_(x, alpha=1.0 / ctx.step)
-        slope.masked_fill_(x >= upper, float(ctx.top)).masked_fill_(x <= 0, 0.0)
-        grad_step = slope.mul_(grad_out).sum() * ctx.grad_scale
+        # sum(g * slope) without masks: code is 0 at or below 0 and 2^bits - 1 above upper, and
+        # grad_x is g inside (0, upper), 0 elsewhere, so it is sum(g * code) - sum(grad_x * x) / d
+        # (a float copy of the codes and float32 sums: mixed-dtype products and float64 sums
+        # took 10x as long on channels-last maps)
+        by_code = grad_out.mul(codes.to(grad_out.dtype)).sum()
+        by_input = grad_x.mul(x).sum()
+        grad_step = (by_code - by_input / ctx.step) * ctx.grad_scale
         return grad_x, grad_step.to(torch.float32), None, None, None
 
 
