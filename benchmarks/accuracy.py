@@ -190,11 +190,11 @@ def fp_from_zoo(bench: Bench, seed: int) -> str | None:
         or touched
     ):
         return None
+    wanted = zoo.architecture(asdict(cfg))
     for name, entry in zoo.read_manifest()["models"].items():
-        wanted = zoo.architecture(asdict(cfg))
-        same = {k: entry.get(k) for k in ("model", "model_kwargs", "image_size")} == {
-            k: wanted.get(k) for k in ("model", "model_kwargs", "image_size")
-        } and (entry["dataset"], entry["seed"], entry["epochs"]) == (
+        same = all(
+            entry.get(k) == wanted.get(k) for k in ("model", "model_kwargs", "image_size")
+        ) and (entry["dataset"], entry["seed"], entry["epochs"]) == (
             cfg.data.dataset,
             seed,
             cfg.train.epochs,
@@ -651,14 +651,18 @@ def print_best(
     dataset = ctx.dataset("test")
     method = f"ablation:{name}" + (":tsq_ft" if name in ABLATIONS_WITH_FINETUNE else "")
     existing = json.loads(results_json.read_text()) if results_json.exists() else []
-    key = (dataset.title or dataset.name, ctx.cfg.model.name, method, seed)
-    rows = [
-        r
-        for r in existing
-        if (r["dataset"], r["model"], r["method"], r["seed"]) == key
-        and not r.get("superseded")
-        and r.get("val_top1") is not None
-    ]
+    data_model = (dataset.title or dataset.name, ctx.cfg.model.name)
+
+    def chosen_on_val(method: str) -> list[dict]:
+        return [
+            r
+            for r in existing
+            if (r["dataset"], r["model"], r["method"], r["seed"]) == (*data_model, method, seed)
+            and not r.get("superseded")
+            and r.get("val_top1") is not None
+        ]
+
+    rows = chosen_on_val(method)
     if not rows:
         raise SystemExit(
             f"no {method} rows with a validation top-1 for seed {seed} in {results_json}: run "
@@ -669,11 +673,8 @@ def print_best(
     commands = {r.get("command") for r in rows}
     rows += [
         {**r, "ablation_value": CONFIG_VALUE}
-        for r in existing
-        if (r["dataset"], r["model"], r["method"], r["seed"]) == (*key[:2], main_method, seed)
-        and not r.get("superseded")
-        and r.get("val_top1") is not None
-        and r.get("command") not in commands
+        for r in chosen_on_val(main_method)
+        if r.get("command") not in commands
     ]
     for r in rows:
         print(f"{r['ablation_value']}: val {r['val_top1']:.2f}", file=sys.stderr)
