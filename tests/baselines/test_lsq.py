@@ -1,3 +1,5 @@
+import math
+
 import torch
 from torch import nn
 
@@ -37,3 +39,32 @@ def test_prepare_lsq_keeps_first_last_and_head_input_full_precision():
     assert set(torch.round(codes).unique().tolist()) <= {-1.0, 0.0, 1.0}
     torch.testing.assert_close(codes, torch.round(codes))
     assert fp.conv2.conv.weight.data_ptr() != layer.weight.data_ptr()  # the FP model is untouched
+
+
+def test_activation_equals_the_composed_lsq_quantizer_and_its_gradients():
+    # LSQActivation runs step 1's fused learned-step quantizer; LSQ's definition is lsq_quantize
+    torch.manual_seed(0)
+    act = LSQActivation(bits=2).double()
+    x = (torch.randn(4, 3, 6, 6, dtype=torch.float64) * 1.5).requires_grad_()
+    upstream = torch.randn_like(x)
+    act(x).mul(upstream).sum().backward()  # the first batch initialises the step
+    ours = (act(x).detach(), x.grad.clone(), act.step.grad.clone())
+
+    x.grad = None
+    step = act.step.detach().clone().requires_grad_()
+    scale = 1 / math.sqrt(x[0].numel() * 3)
+    reference = lsq_quantize(x, step, 0, 3, scale)
+    reference.mul(upstream).sum().backward()
+    torch.testing.assert_close(ours[0], reference.detach())
+    torch.testing.assert_close(ours[1], x.grad)
+    torch.testing.assert_close(ours[2], step.grad)
+
+
+def test_activation_step_cannot_reach_zero():
+    act = LSQActivation(bits=2)
+    act(torch.rand(2, 3, 4, 4))
+    with torch.no_grad():
+        act.step.fill_(-0.5)  # e.g. after a bad optimizer step
+    out = act(torch.rand(2, 3, 4, 4))
+    assert float(act.step.detach()) == torch.tensor(LSQActivation.MIN_STEP).item() > 0
+    assert torch.isfinite(out).all()
