@@ -78,7 +78,17 @@ def plot_solver_curves(layers: list[dict], path: Path) -> None:
     ax.set_ylabel("code agreement (true quantized output)")
     ax.set_title("Step 2 per layer (legend: final agreement after refinement)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    else:  # e.g. every coded layer was solved in one pass: say so instead of an empty plot
+        ax.text(
+            0.5,
+            0.5,
+            "no layer recorded code agreement per alternation",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
