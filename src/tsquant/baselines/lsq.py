@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers.activation import sparse_quantize_learned_step
-from ..quantizers.modules import conv_geometry
+from ..quantizers.modules import conv_geometry, scale_grad
 from ..surgery import swap_for_qat
 
 
@@ -24,13 +24,8 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity forward; gradient multiplied by ``factor``."""
-    return x * factor + (x - x * factor).detach()
-
-
 def lsq_quantize(v: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_factor: float):
-    s = _scale_grad(step, grad_factor)
+    s = scale_grad(step, grad_factor)
     return _round_ste(torch.clamp(v / s, -qn, qp)) * s
 
 

@@ -32,7 +32,7 @@ class _RoundToGridSTE(torch.autograd.Function):
         return grad_out * inside.to(grad_out.dtype), None
 
 
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity forward, gradient times ``factor``."""
     return x * factor + (x - x * factor).detach()
 
@@ -76,7 +76,7 @@ class _GridWeightMixin:
         as LSQ does for its step, so the scale moves at the pace of the weights."""
         grid = self.grid
         factor = (self.weight[0].numel() * grid.high) ** -0.5
-        alpha = _scale_grad(self.alpha, factor).reshape(self._alpha_view().shape)
+        alpha = scale_grad(self.alpha, factor).reshape(self._alpha_view().shape)
         return _RoundToGridSTE.apply(self.weight / alpha, grid) * alpha
 
 
