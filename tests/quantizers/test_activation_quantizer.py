@@ -221,6 +221,23 @@ def test_ste_gradient_on_random_inputs():
     assert 0 < mask.mean() < 1  # the data exercises both sides of the mask
 
 
+@pytest.mark.parametrize("learned", [False, True])
+def test_gradient_takes_the_inputs_memory_layout(learned):
+    # an NCHW gradient arriving at a channels-last activation (a residual sum, a pooling head)
+    # must leave the quantizer channels-last: passed on NCHW it slows every BN backward below
+    q = SparseQuantizer.from_gaussian(bits=2, eps=0.32)
+    if learned:
+        q.learn_step()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    upstream = torch.randn(2, 8, 5, 5, generator=gen)  # NCHW-contiguous
+    (grad,) = torch.autograd.grad(q(x), x, upstream)  # as computed: .grad would re-lay it out
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    mask = ((x > 0) & (x < 3 * q.step)).float()
+    assert torch.equal(grad, upstream * mask)
+
+
 # --- properties ---------------------------------------------------------------------------------
 
 finite = st.floats(min_value=-20.0, max_value=60.0, allow_nan=False, allow_infinity=False)
