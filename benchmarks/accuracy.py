@@ -19,6 +19,7 @@ and ablation) and the tables to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import shlex
@@ -349,18 +350,21 @@ def run_qat(bench: Bench, seed: int, method: str = "qat") -> dict:
         return row
     fp = main.load("train", main.fp_model())
     model = prepare_lsq(fp, main.cfg.transform.weight_bits, main.cfg.codes.bits)
-    start = time.time()
     teacher = main.teacher() if budget.distill > 0 else None  # as step 1 is, when it is
-    train(model, ctx.train_loader(budget), budget, out, ctx.device, desc="lsq", teacher=teacher)
+    logs = train(model, ctx.train_loader(budget), budget, out, ctx.device, "lsq", teacher=teacher)
+    start = time.time()
     top1 = evaluate(model, ctx.test_loader(), ctx.device, "lsq eval")
+    val_top1 = validation_top1(model, ctx, "lsq val")
+    # the logs' wall_s counts the training of every process a resumed run took
+    training_s = logs[-1]["wall_s"] if logs else 0.0
     row = baseline_row(
         bench,
         main,
         method,
         seed,
         top1,
-        validation_top1(model, ctx, "lsq val"),
-        time.time() - start + stage_wall(main, "train"),
+        val_top1,
+        training_s + time.time() - start + stage_wall(main, "train"),
         epochs=epochs,
         qat=f"LSQ, {budget.epochs} epochs at lr {budget.lr} from the FP checkpoint"
         + (f", distilled from it (weight {budget.distill})" if teacher is not None else ""),
@@ -583,6 +587,8 @@ def main() -> int:
     ]
     if unknown:
         parser.error(f"unknown rows/ablations {unknown}")
+    if "brevitas_gptq" in wanted and importlib.util.find_spec("brevitas") is None:
+        parser.error("row brevitas_gptq needs brevitas: pip install -e '.[bench]', or drop the row")
     for name, *values in ablations:
         known = [v for v, _ in ABLATIONS[name]]
         if bad := [v for v in values if v not in known]:

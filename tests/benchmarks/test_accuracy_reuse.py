@@ -1,11 +1,14 @@
 """The accuracy harness reuses a stage only when it would rebuild it exactly, and never reads a
 stage made under other settings."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "benchmarks" / "accuracy.py"
@@ -134,3 +137,22 @@ def test_fp_from_zoo_takes_only_a_checkpoint_of_the_same_architecture(
     assert main.stale_reason("train") is None
     ablation = accuracy.Context(bench.cfg(0, "learn_steptrue", {"codes.learn_step": "true"}))
     assert bench.donor(ablation, "train") == train
+
+
+def test_a_row_whose_library_is_missing_fails_before_any_work(
+    accuracy, tmp_path, monkeypatch, capsys
+):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        accuracy.importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "brevitas" else find_spec(name, *rest),
+    )
+    config = str(ROOT / "configs" / "fashion_mnist_small_cnn.yaml")
+    argv = [config, "--rows", "fp,brevitas_gptq", "--results-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", *argv, "--out-dir", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exit_:
+        accuracy.main()
+    assert exit_.value.code == 2
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no results
