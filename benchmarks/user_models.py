@@ -31,3 +31,16 @@ class AffineCNN(nn.Module):
 
 def affine_cnn(**kwargs) -> AffineCNN:
     return AffineCNN(**kwargs)
+
+
+def resnet20_affine(**kwargs) -> nn.Module:
+    """tsquant's ResNet-20 with the usual affine BatchNorms (He et al. 2016) instead of the
+    TSQ/HWGQ convention's non-affine ones: the FP-recipe comparison of benchmarks/RESULTS.md."""
+    from tsquant.models import build_model
+
+    model = build_model("resnet20", **kwargs)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.BatchNorm2d(child.num_features))
+    return model
