@@ -1,16 +1,26 @@
-"""The accuracy harness, loaded as a module (benchmarks/ is not a package)."""
+"""The benchmark scripts, loaded as modules (benchmarks/ is not a package)."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("throughput")`` -> benchmarks/throughput.py as a module."""
+    return _load
 
 
 @pytest.fixture(scope="session")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("accuracy")

@@ -1,18 +1,6 @@
 """The per-layer start/end table: layers ending below their start are the ones marked."""
 
-import importlib.util
-from pathlib import Path
-
 from tsquant.fileio import save_json
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step2_layers.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_step2_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(tmp_path, name, ends):
@@ -31,8 +19,8 @@ def _run(tmp_path, name, ends):
     return tmp_path / name
 
 
-def test_layers_below_their_start_are_counted_per_run(tmp_path):
-    bench = _module()
+def test_layers_below_their_start_are_counted_per_run(tmp_path, load_benchmark):
+    bench = load_benchmark("step2_layers")
     runs = [
         bench.layer_rows(_run(tmp_path, "a", [0.7, 0.9])),
         bench.layer_rows(_run(tmp_path, "b", [0.85, 0.9])),

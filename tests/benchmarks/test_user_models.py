@@ -1,25 +1,13 @@
 """benchmarks/user_models.py: the user-style models the benchmarks train."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from tsquant import prepare_step1
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "user_models.py"
 
-
-def _user_models():
-    spec = importlib.util.spec_from_file_location("bench_user_models", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_resnet20_affine_is_the_usual_resnet20_and_quantizes():
-    model = _user_models().resnet20_affine(num_classes=10, image_size=32)
+def test_resnet20_affine_is_the_usual_resnet20_and_quantizes(load_benchmark):
+    model = load_benchmark("user_models").resnet20_affine(num_classes=10, image_size=32)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 19 and all(bn.affine for bn in bns)
     assert sum(p.numel() for p in model.parameters()) == 269_722  # He et al.'s 0.27M
